@@ -1,0 +1,184 @@
+"""L-inf attacks on a batch: C&W margin, FGSM, PGD, Square, DeepFool.
+
+Each function needs only torch. None changes the model's train/eval mode (the caller chooses:
+eval for evaluation; the training scripts say which they use), none accumulates gradients into
+the model's parameters (gradients are taken with torch.autograd.grad w.r.t. the input only), and
+each returns a detached adversarial batch inside the box `clip` (None: unbounded input) and, for
+the eps-bounded attacks, inside the L-inf ball of radius eps around x.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def cw_margin(logits, y, kappa=0.0):
+    """Per-sample max(max_{j != y} Z_j - Z_y, -kappa): the C&W-inf loss (Carlini & Wagner 2017)
+    and the margin term of the customized paper's Eq. (6). Positive means misclassified."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    # -inf, not a large negative constant, so the true class is excluded for any logit range.
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return torch.clamp(other - true, min=-kappa)
+
+
+def _loss_fn(loss, kappa):
+    if callable(loss):
+        return loss
+    if loss == "ce":
+        return lambda logits, y: F.cross_entropy(logits, y, reduction="none")
+    if loss == "cw":
+        return lambda logits, y: cw_margin(logits, y, kappa)
+    raise ValueError(f"unknown loss {loss!r}; valid: 'ce', 'cw' or a callable")
+
+
+def _per_sample(v, x):
+    """A float, or a [B] tensor reshaped to broadcast over x's non-batch dimensions."""
+    if torch.is_tensor(v):
+        return v.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return v
+
+
+def _project(x_adv, x, eps, clip):
+    x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+    return x_adv.clamp(*clip) if clip is not None else x_adv
+
+
+def pgd(model, x, y, eps, alpha, steps, loss="ce", random_start=True, restarts=1, kappa=0.0,
+        clip=(0.0, 1.0)):
+    """L-inf PGD (Madry et al. 2018): x <- Proj_{B(x0, eps) and box}(x + alpha * sign(grad)).
+
+    eps, alpha: a float or a per-sample tensor of shape [B] (the customized method's radius).
+    loss: "ce", "cw" (cw_margin with kappa) or a callable (logits, y) -> per-sample loss, e.g. a
+    soft-label CE that closes over its targets. With restarts > 1, each sample keeps the first
+    restart that fools the model (prediction != y), else the last. The model's mode is the
+    caller's choice.
+    """
+    loss_fn = _loss_fn(loss, kappa)
+    x = x.detach()
+    eps, alpha = _per_sample(eps, x), _per_sample(alpha, x)
+    best, done = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    for _ in range(restarts):
+        x_adv = x.clone()
+        if random_start:
+            x_adv = _project(x + (torch.rand_like(x) * 2 - 1) * eps, x, eps, clip)
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            # Sum, not mean: the sign step is per sample, and a sum keeps each sample's gradient
+            # independent of the batch size.
+            grad, = torch.autograd.grad(loss_fn(model(x_adv), y).sum(), x_adv)
+            x_adv = _project(x_adv.detach() + alpha * grad.sign(), x, eps, clip)
+        if restarts == 1:
+            return x_adv.detach()
+        with torch.no_grad():
+            fooled = model(x_adv).argmax(1) != y
+        take = ~done
+        best[take] = x_adv[take].detach()
+        done |= fooled
+    return best
+
+
+def fgsm(model, x, y, eps, loss="ce", kappa=0.0, clip=(0.0, 1.0)):
+    """FGSM (Goodfellow et al. 2015): one signed-gradient step of size eps from x."""
+    return pgd(model, x, y, eps, eps, 1, loss=loss, random_start=False, kappa=kappa, clip=clip)
+
+
+def _p_selection(p_init, it, n_queries):
+    """Square attack's schedule of the square's area share (Andriushchenko et al. 2020)."""
+    it = int(it / n_queries * 10000)
+    for bound, div in [(10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32),
+                       (4000, 64), (6000, 128), (8000, 256), (10000, 512)]:
+        if it <= bound:
+            return p_init / div
+    return p_init
+
+
+@torch.no_grad()
+def square(model, x, y, eps, n_queries=5000, p_init=0.8, seed=0, clip=(0.0, 1.0)):
+    """L-inf Square attack (Andriushchenko et al. 2020), untargeted, margin loss.
+
+    Black box: uses only model(x) outputs, under no_grad. Each sample costs at most n_queries
+    forward passes (the first is the vertical-stripe initialisation); a sample stops being
+    queried as soon as it is misclassified.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=gen).to(x.device)
+    sign = lambda *shape: (rand(*shape) < 0.5).to(x.dtype) * 2 - 1
+
+    def margin(x_in, y_in):  # Z_y - max_{j != y} Z_j: <= 0 means fooled
+        return -cw_margin(model(x_in), y_in, kappa=float("inf"))
+
+    lo, hi = clip if clip is not None else (-float("inf"), float("inf"))
+    b, c, h, w = x.shape
+    x = x.detach()
+    x_best = (x + eps * sign(b, c, 1, w)).clamp(lo, hi)  # vertical stripes
+    m_best = margin(x_best, y)
+    for i in range(1, n_queries):
+        active = (m_best > 0).nonzero().squeeze(1)
+        if len(active) == 0:
+            break
+        x_cur, x_best_cur, y_cur = x[active], x_best[active], y[active]
+        delta = x_best_cur - x_cur
+        s = max(int(round((_p_selection(p_init, i, n_queries) * h * w) ** 0.5)), 1)
+        s = min(s, h, w)
+        r = int(rand(1).item() * (h - s + 1))
+        q = int(rand(1).item() * (w - s + 1))
+        window = (slice(None), slice(None), slice(r, r + s), slice(q, q + s))
+        # Resample the window's per-channel sign until it changes the image (as the reference
+        # implementation does); bounded so a saturated window cannot loop forever.
+        need = torch.ones(len(active), dtype=torch.bool, device=x.device)
+        for _ in range(10):
+            new = eps * sign(len(active), c, 1, 1)
+            delta[window] = torch.where(need[:, None, None, None], new.expand(-1, -1, s, s),
+                                        delta[window])
+            x_win = x_cur[window]
+            need = ((x_win + delta[window]).clamp(lo, hi) - x_win).abs().flatten(1).lt(1e-7).all(1)
+            if not need.any():
+                break
+        x_new = torch.min(torch.max(x_cur + delta, x_cur - eps), x_cur + eps).clamp(lo, hi)
+        m_new = margin(x_new, y_cur)
+        better = m_new < m_best[active]
+        m_best[active] = torch.where(better, m_new, m_best[active])
+        x_best[active[better]] = x_new[better]
+    return x_best
+
+
+def deepfool(model, x, y, steps=50, overshoot=0.02, clip=(0.0, 1.0)):
+    """L-inf DeepFool (Moosavi-Dezfooli et al. 2016): the smallest step that crosses the nearest
+    linearised boundary, repeated until the prediction changes or `steps` run out.
+
+    Returns x_adv; (x_adv - x).abs().amax() per sample is the minimal L-inf perturbation found
+    (a sample that never flips is returned at its last iterate). The customized paper's Table 3
+    counts a point robust at eps if that perturbation exceeds eps, or if it never flipped.
+    """
+    x = x.detach()
+    r_tot = torch.zeros_like(x)
+    active = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    x_adv = x.clone()
+    for _ in range(steps):
+        idx = active.nonzero().squeeze(1)
+        if len(idx) == 0:
+            break
+        xa = x_adv[idx].clone().requires_grad_(True)
+        logits = model(xa)
+        ya = y[idx]
+        still = logits.argmax(1) == ya
+        if not still.all():
+            active[idx[~still]] = False
+        if not still.any():
+            break
+        num_classes = logits.shape[1]
+        # One gradient per class (the samples are independent, so a summed output suffices).
+        grads = torch.stack([torch.autograd.grad(logits[:, k].sum(), xa, retain_graph=True)[0]
+                             for k in range(num_classes)], 1)  # [b, K, ...]
+        logits = logits.detach()
+        f = logits - logits.gather(1, ya[:, None])                  # f_k - f_y
+        wk = grads - grads[torch.arange(len(ya), device=x.device), ya][:, None]       # grad f_k - grad f_y
+        dist = f.abs() / (wk.flatten(2).abs().sum(2) + 1e-8)         # L-inf: |f_k| / ||w_k||_1
+        dist.scatter_(1, ya[:, None], float("inf"))
+        k = dist.argmin(1)
+        ar = torch.arange(len(ya), device=x.device)
+        w_k = wk[ar, k]
+        step = (dist[ar, k] + 1e-4).view(-1, *[1] * (x.dim() - 1)) * w_k.sign()
+        keep = idx[still]
+        r_tot[keep] += step[still]
+        x_new = x[keep] + (1 + overshoot) * r_tot[keep]
+        x_adv[keep] = x_new.clamp(*clip) if clip is not None else x_new
+    return x_adv.detach()
