@@ -11,10 +11,12 @@ Table 6 ablations: PGD-AT = --fixed-eps --c 0 --loss ce, Adv+LS = --fixed-eps, A
 import argparse
 import json
 import os
+import pickle
 import random
 import signal
 import sys
 import time
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -338,9 +340,13 @@ def save_checkpoint(state, path):
 def load_checkpoint(path):
     """weights_only=True: a checkpoint is data; a pickle that would run code is refused."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a directory, a truncated file, not a checkpoint, a pickle with code
-        sys.exit(f"error: {path} is not a loadable checkpoint ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'})")
+        with warnings.catch_warnings():  # torch's pickle-protocol warning would break the one line
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        sys.exit(f"error: {path} is not a loadable checkpoint: not weights-only data (refused, nothing run)")
+    except Exception as e:  # a directory, a truncated or foreign file
+        sys.exit(f"error: {path} is not a loadable checkpoint ({type(e).__name__})")
 
 
 # Arguments that may change when a run is resumed; any other difference is refused.
@@ -454,17 +460,21 @@ def run(args, world, rank, data, stateful, step, stats, extra, eval_eps):
                 save(path, epoch, b + 1)
                 sys.exit(f"interrupted at epoch {epoch + 1}, batch {b + 1}; saved {path}, --resume continues")
         seconds = time.time() - t0
+        if world > 1:  # log the whole epoch, every rank's batches
+            for v in sums.values():
+                dist.all_reduce(v)
+            n *= world
         rec = {"epoch": epoch + 1, "lr": stateful["optimizer"].param_groups[0]["lr"]}
         stateful["scheduler"].step()
-        rec.update({f"train_{k}" if k == "loss" else f"train_{k.removesuffix('_correct')}_acc": v.item() / n
-                    for k, v in sums.items()})
+        rec.update({f"train_{k.removesuffix('_correct')}_acc" if k.endswith("_correct") else f"train_{k}":
+                    v.item() / n for k, v in sums.items()})  # step() returns per-batch sums
         if is_main():
             rec["train_clean_acc"], rec["train_pgd_acc"] = accuracy(model, train_set, eval_eps, args, args.eval_size)
             rec["test_clean_acc"], rec["test_pgd_acc"] = accuracy(model, test_set, eval_eps, args, args.eval_size)
             if len(val_set):
                 rec["val_clean_acc"], rec["val_pgd_acc"] = accuracy(model, val_set, eval_eps, args, len(val_set))
         rec.update(stats())
-        rec.update({"seconds": seconds, "images_per_s": n * world / seconds})
+        rec.update({"seconds": seconds, "images_per_s": n / seconds})
         epoch, skip, sums, n = epoch + 1, 0, {}, 0
         if is_main():
             with open(log_path, "a") as f:
