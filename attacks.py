@@ -41,15 +41,17 @@ def _project(x_adv, x, eps, clip):
     return x_adv.clamp(*clip) if clip is not None else x_adv
 
 
-def pgd(model, x, y, eps, alpha, steps, loss="ce", random_start=True, restarts=1, kappa=0.0,
+def pgd(model, x, y, eps, alpha, steps, loss="ce", random_start=True, restarts=1, kappa=float("inf"),
         clip=(0.0, 1.0)):
     """L-inf PGD (Madry et al. 2018): x <- Proj_{B(x0, eps) and box}(x + alpha * sign(grad)).
 
     eps, alpha: a float or a per-sample tensor of shape [B] (the customized method's radius).
-    loss: "ce", "cw" (cw_margin with kappa) or a callable (logits, y) -> per-sample loss, e.g. a
-    soft-label CE that closes over its targets. With restarts > 1, each sample keeps the first
-    restart that fools the model (prediction != y), else the last. The model's mode is the
-    caller's choice.
+    loss: "ce", "cw" (cw_margin floored at -kappa) or a callable (logits, y) -> per-sample loss,
+    e.g. a soft-label CE that closes over its targets. kappa defaults to inf, the plain margin: a
+    finite floor zeroes the gradient of points classified with a margin above kappa (kappa = 0
+    would freeze every correct point), so pass 50 only to reproduce the papers' C&W-inf.
+    With restarts > 1, each sample keeps the first restart that fools the model (prediction != y),
+    else the last. The model's mode is the caller's choice.
     """
     loss_fn = _loss_fn(loss, kappa)
     x = x.detach()
@@ -75,7 +77,7 @@ def pgd(model, x, y, eps, alpha, steps, loss="ce", random_start=True, restarts=1
     return best
 
 
-def fgsm(model, x, y, eps, loss="ce", kappa=0.0, clip=(0.0, 1.0)):
+def fgsm(model, x, y, eps, loss="ce", kappa=float("inf"), clip=(0.0, 1.0)):
     """FGSM (Goodfellow et al. 2015): one signed-gradient step of size eps from x."""
     return pgd(model, x, y, eps, eps, 1, loss=loss, random_start=False, kappa=kappa, clip=clip)
 
@@ -95,8 +97,9 @@ def square(model, x, y, eps, n_queries=5000, p_init=0.8, seed=0, clip=(0.0, 1.0)
     """L-inf Square attack (Andriushchenko et al. 2020), untargeted, margin loss.
 
     Black box: uses only model(x) outputs, under no_grad. Each sample costs at most n_queries
-    forward passes (the first is the vertical-stripe initialisation); a sample stops being
-    queried as soon as it is misclassified.
+    forward passes (the clean input, the vertical-stripe initialisation, then one per iteration);
+    a sample stops being queried as soon as it is misclassified, so one misclassified at x costs
+    one query and is returned unchanged. The result's margin loss is never below x's.
     """
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.rand(*shape, generator=gen).to(x.device)
@@ -106,11 +109,17 @@ def square(model, x, y, eps, n_queries=5000, p_init=0.8, seed=0, clip=(0.0, 1.0)
         return -cw_margin(model(x_in), y_in, kappa=float("inf"))
 
     lo, hi = clip if clip is not None else (-float("inf"), float("inf"))
-    b, c, h, w = x.shape
+    c, h, w = x.shape[1:]
     x = x.detach()
-    x_best = (x + eps * sign(b, c, 1, w)).clamp(lo, hi)  # vertical stripes
-    m_best = margin(x_best, y)
-    for i in range(1, n_queries):
+    # Query x first: a point misclassified there is not attacked (the reference attacks only
+    # correctly classified points), and x stays a candidate for the result.
+    m_clean = margin(x, y)
+    x_best, m_best = x.clone(), m_clean.clone()
+    active = (m_clean > 0).nonzero().squeeze(1)
+    if n_queries > 1 and len(active) > 0:
+        x_best[active] = (x[active] + eps * sign(len(active), c, 1, w)).clamp(lo, hi)  # stripes
+        m_best[active] = margin(x_best[active], y[active])
+    for i in range(1, n_queries - 1):
         active = (m_best > 0).nonzero().squeeze(1)
         if len(active) == 0:
             break
@@ -121,15 +130,16 @@ def square(model, x, y, eps, n_queries=5000, p_init=0.8, seed=0, clip=(0.0, 1.0)
         r = int(rand(1).item() * (h - s + 1))
         q = int(rand(1).item() * (w - s + 1))
         window = (slice(None), slice(None), slice(r, r + s), slice(q, q + s))
-        # Resample the window's per-channel sign until it changes the image (as the reference
-        # implementation does); bounded so a saturated window cannot loop forever.
+        # Resample the window's per-channel sign until it changes the current best image (as the
+        # reference implementation does), so no query repeats it; bounded so a saturated window
+        # cannot loop forever.
         need = torch.ones(len(active), dtype=torch.bool, device=x.device)
         for _ in range(10):
             new = eps * sign(len(active), c, 1, 1)
             delta[window] = torch.where(need[:, None, None, None], new.expand(-1, -1, s, s),
                                         delta[window])
-            x_win = x_cur[window]
-            need = ((x_win + delta[window]).clamp(lo, hi) - x_win).abs().flatten(1).lt(1e-7).all(1)
+            changed = (x_cur[window] + delta[window]).clamp(lo, hi) - x_best_cur[window]
+            need = changed.abs().flatten(1).lt(1e-7).all(1)
             if not need.any():
                 break
         x_new = torch.min(torch.max(x_cur + delta, x_cur - eps), x_cur + eps).clamp(lo, hi)
@@ -137,6 +147,10 @@ def square(model, x, y, eps, n_queries=5000, p_init=0.8, seed=0, clip=(0.0, 1.0)
         better = m_new < m_best[active]
         m_best[active] = torch.where(better, m_new, m_best[active])
         x_best[active[better]] = x_new[better]
+    # The search starts from the stripes even where they raise the margin (as the reference
+    # does); where no query got below x's margin, x itself is the best point seen.
+    worse = m_best > m_clean
+    x_best[worse] = x[worse]
     return x_best
 
 

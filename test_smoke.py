@@ -30,8 +30,502 @@ def run_cli(*args, check=True, env=None, timeout=600):
 
 # ---------------------------------------------------------------- models.py and attacks.py
 
+import copy  # noqa: E402  (this section's imports)
+
+import torch.nn.functional as F  # noqa: E402
+
+
+@pytest.mark.parametrize("arch,in_channels,size", [
+    ("smallcnn", 1, 28), ("smallcnn", 3, 32), ("preact_resnet18", 3, 32),
+    ("preact_resnet18", 1, 28), ("vgg16", 3, 32), ("vgg16", 1, 28)])
+def test_models_output_shape(arch, in_channels, size):
+    torch.manual_seed(0)
+    model = models.get_model(arch, num_classes=7, in_channels=in_channels, image_size=size)
+    x = torch.rand(2, in_channels, size, size)
+    for train in (True, False):  # batch statistics (training) and running statistics (evaluation)
+        model.train(train)
+        with torch.no_grad():
+            out = model(x)
+        assert out.shape == (2, 7) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_models_wrn34_10_shape_and_parameter_count():
+    model = models.get_model("wrn34_10").eval()  # built once, run at batch 1: 46M parameters
+    # The published count of the WRN-34-10 of Madry et al. and TRADES.
+    assert sum(p.numel() for p in model.parameters()) == 46_160_474
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 32, 32))
+    assert out.shape == (1, 10) and torch.isfinite(out).all()
+
+
+def test_models_parameter_counts():
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    # PreActResNet-18: 11,171,146 is the published count of the widely copied version that skips
+    # the final BN-ReLU; the pre-activation design (He et al. 2016, and the copy used across
+    # adversarial training) has it, a BatchNorm2d(512): + 2 * 512.
+    assert count(models.get_model("preact_resnet18")) == 11_171_146 + 2 * 512
+    # MNIST SmallCNN (NOTES.md), by hand: four 3x3 convs with bias, Linear(3136 -> 100), Linear(100 -> 10).
+    convs = (9 * 1 + 1) * 32 + (9 * 32 + 1) * 32 + (9 * 32 + 1) * 64 + (9 * 64 + 1) * 64
+    assert count(models.get_model("smallcnn", in_channels=1, image_size=28)) == \
+        convs + (3136 + 1) * 100 + (100 + 1) * 10 == 379_702
+    # VGG-16-BN, by hand: 13 convs with bias, a BatchNorm (weight, bias) after each, Linear(512 -> 10).
+    widths = [3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    vgg = sum((9 * i + 1) * o + 2 * o for i, o in zip(widths, widths[1:])) + 512 * 10 + 10
+    assert count(models.get_model("vgg16")) == vgg == 14_728_266
+
+
+@pytest.mark.parametrize("name,shape", [("small", (1, 28, 28)), ("resnet18", (3, 32, 32))])
+def test_models_mask_net_in_unit_interval_with_delta_shape(name, shape):
+    torch.manual_seed(0)
+    net = models.get_mask_net(name, in_channels=shape[0]).eval()
+    x = torch.rand(2, *shape)
+    delta = (torch.rand(2, *shape) * 2 - 1) * 0.3
+    with torch.no_grad():
+        mask = net(x, delta)
+        assert mask.shape == delta.shape
+        assert (mask > 0).all() and (mask < 1).all()
+        # g_phi reads the adversarial image x + delta (NOTES.md).
+        assert torch.allclose(net(x + delta, torch.zeros_like(delta)), mask, atol=1e-6)
+
+
+def test_models_unknown_names_raise_value_error_listing_valid_ones():
+    with pytest.raises(ValueError) as err:
+        models.get_model("resnet50")
+    assert all(a in str(err.value) for a in ("smallcnn", "preact_resnet18", "wrn34_10", "vgg16"))
+    with pytest.raises(ValueError) as err:
+        models.get_mask_net("unet")
+    assert all(n in str(err.value) for n in ("small", "resnet18"))
+
+
+def test_pgd_unknown_loss_raises_value_error():
+    with pytest.raises(ValueError, match="'ce', 'cw' or a callable"):
+        attacks.pgd(torch.nn.Linear(2, 2), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long),
+                    0.1, 0.1, 1, loss="kl")
+
+
+def test_cw_margin_hand_computation():
+    logits = torch.tensor([[1., 3., 2.], [-5., -1., -3.], [-2., -7., -4.], [-1e4, -3e4, -2e4]],
+                          requires_grad=True)
+    y = torch.tensor([0, 2, 0, 1])
+    # max_{j != y} Z_j - Z_y: 3 - 1 = 2; max(-5, -1) + 3 = 2; max(-7, -4) + 2 = -2;
+    # max(-1e4, -2e4) + 3e4 = 2e4. Rows 2-4 are all negative: a mask that fills the true class
+    # with 0 instead of -inf would give 3, 2 and 3e4.
+    raw = torch.tensor([2., 2., -2., 2e4])
+    assert torch.equal(attacks.cw_margin(logits, y, kappa=float("inf")), raw)
+    assert torch.equal(attacks.cw_margin(logits, y), raw.clamp(min=0.))  # kappa = 0
+    assert torch.equal(attacks.cw_margin(logits, y, kappa=1.), torch.tensor([2., 2., -1., 2e4]))
+    assert torch.equal(attacks.cw_margin(logits, y, kappa=50.), raw)
+    # Its gradient is e_{argmax other} - e_y (zero where the -kappa floor is active).
+    grad, = torch.autograd.grad(attacks.cw_margin(logits, y, kappa=1.).sum(), logits)
+    assert torch.equal(grad, torch.tensor([[-1., 1., 0.], [0., 1., -1.], [0., 0., 0.], [1., -1., 0.]]))
+
+
+def _atk_linear2():
+    """Two classes on 2-D inputs: Z1 - Z0 = -1.5 x1 + 3.5 x2 - 0.4. For label y, the CE and C&W
+    gradients w.r.t. x are positive multiples of W[1-y] - W[y] = +-(-1.5, 3.5)."""
+    lin = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1., -2.], [-0.5, 1.5]]))
+        lin.bias.copy_(torch.tensor([0.3, -0.1]))
+    return lin
+
+
+# Points outside [0, 1] (2-D toy data, unbounded), their labels, radii (one 0) and, by hand, the
+# sign of the loss gradient: away from class y, sign(W[1-y] - W[y]).
+_ATK_X2 = torch.tensor([[-1.5, -0.2], [1.8, 1.4], [2.5, 0.9], [-0.3, 1.2], [1.0, -0.5]])
+_ATK_Y2 = torch.tensor([1, 1, 0, 1, 0])
+_ATK_EPS2 = torch.tensor([0.5, 0.25, 0.0, 0.3, 1.0])
+_ATK_AWAY2 = torch.tensor([[1., -1.], [1., -1.], [-1., 1.], [1., -1.], [-1., 1.]])
+
+
+def test_pgd_linear_unbounded_hand_computation():
+    model, x, y, eps = _atk_linear2(), _ATK_X2, _ATK_Y2, _ATK_EPS2
+    assert torch.equal(model(x).argmax(1), y)
+    expected = x + eps[:, None] * _ATK_AWAY2  # the ball's corner the constant gradient sign leads to
+    for loss, kappa in [("ce", 0.0), ("cw", 50.0)]:
+        for random_start in (False, True):  # 10 steps of eps/4 reach the corner from anywhere
+            torch.manual_seed(0)
+            out = attacks.pgd(model, x, y, eps, eps / 4, 10, loss=loss, kappa=kappa,
+                              random_start=random_start, clip=None)
+            assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.equal(out[2], x[2]) and (out < 0).any() and (out > 1).any()  # clip=None: no box
+    # The default box (0, 1) clamps the same corner.
+    out = attacks.pgd(model, x, y, eps, eps / 4, 10, random_start=False)
+    assert torch.allclose(out, expected.clamp(0, 1), atol=1e-6)
+
+
+def test_pgd_callable_soft_label_loss():
+    model, x, y, eps = _atk_linear2(), _ATK_X2, _ATK_Y2, _ATK_EPS2
+    # Soft labels with 0.9 of their mass on the other class 1 - y, closed over by the loss, which
+    # ignores y: d loss / d Z_{1-y} = p_{1-y} - 0.9 < 0, so the soft CE grows towards class y,
+    # the opposite way to CE; p_{1-y} only falls on the way, so the sign stays.
+    soft = 0.9 * F.one_hot(1 - y, 2) + 0.1 * F.one_hot(y, 2)
+    soft_ce = lambda logits, _: -(soft * F.log_softmax(logits, 1)).sum(1)
+    assert (model(x).softmax(1).gather(1, (1 - y)[:, None]) < 0.9).all()
+    out = attacks.pgd(model, x, y, eps, eps / 4, 10, loss=soft_ce, random_start=False, clip=None)
+    assert torch.allclose(out, x - eps[:, None] * _ATK_AWAY2, atol=1e-6)
+    with torch.no_grad():
+        assert (soft_ce(model(out), y) > soft_ce(model(x), y))[eps > 0].all()
+
+
+def test_pgd_restarts_keep_first_fooling_perturbation():
+    model = _atk_linear2()
+    x = torch.rand(64, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    eps, restarts = 0.5, 4
+    # steps=0: each restart is its uniform random start, so which restarts fool is known: replay
+    # pgd's draws.
+    torch.manual_seed(1)
+    starts = torch.stack([x + (torch.rand_like(x) * 2 - 1) * eps for _ in range(restarts)])
+    with torch.no_grad():
+        fools = torch.stack([model(s).argmax(1) != y for s in starts])  # [restarts, B]
+    first = torch.where(fools.any(0), fools.float().argmax(0), restarts - 1)  # else the last
+    # The construction has both cases: fooled by an early restart only, by a late one only.
+    assert (fools.any(0) & ~fools[-1]).any() and (fools.any(0) & ~fools[0]).any()
+    torch.manual_seed(1)
+    out = attacks.pgd(model, x, y, eps, eps, 0, restarts=restarts, clip=None)
+    assert torch.equal(out, starts[first, torch.arange(len(x))])
+    with torch.no_grad():
+        assert torch.equal(model(out).argmax(1) != y, fools.any(0))
+
+
+def test_fgsm_hand_computation():
+    # Flatten + Linear on 1 x 2 x 2 images: CE's gradient w.r.t. x is a positive multiple of
+    # W[1-y] - W[y] = +-(-1, 2, -1, 0); the last pixel has no gradient, and sign(0) = 0.
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[0.5, -1., 2., 0.], [-0.5, 1., 1., 0.]]))
+        model[1].bias.zero_()
+    x = torch.tensor([[0.0, 0.95, 0.5, 0.3], [1.0, 0.02, 0.5, 0.7]]).view(2, 1, 2, 2)
+    y = torch.tensor([0, 1])
+    unboxed = torch.tensor([[-0.1, 1.05, 0.4, 0.3], [1.1, -0.08, 0.6, 0.7]]).view(2, 1, 2, 2)
+    assert torch.allclose(attacks.fgsm(model, x, y, 0.1), unboxed.clamp(0, 1), atol=1e-6)
+    assert torch.allclose(attacks.fgsm(model, x, y, 0.1, clip=None), unboxed, atol=1e-6)
+
+
+def test_fgsm_equals_signed_gradient_step_on_trained_model(atk_toy):
+    model, x, y = atk_toy
+    xr = x.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(F.cross_entropy(model(xr), y, reduction="sum"), xr)
+    expected = (x + 0.1 * grad.sign()).clamp(0, 1)
+    assert torch.allclose(attacks.fgsm(model, x, y, 0.1), expected, atol=1e-6)
+
+
+def test_deepfool_linear_two_class_exact_distance():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 2)
+    x = torch.randn(8, 5)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+        w, b = model.weight[1] - model.weight[0], model.bias[1] - model.bias[0]
+        dist = (x @ w + b).abs() / w.abs().sum()  # L-inf distance to the plane w.x + b = 0
+        toward = torch.where(y[:, None] == 0, w.sign(), -w.sign())  # the corner that crosses it
+    for overshoot in (0.0, 0.02):
+        out = attacks.deepfool(model, x, y, overshoot=overshoot, clip=None)
+        r = out - x
+        norm = r.abs().amax(1)
+        with torch.no_grad():
+            assert (model(out).argmax(1) != y).all()
+        assert (norm >= dist).all() and (norm <= (1 + overshoot) * dist + 1e-3).all()
+        assert torch.allclose(r, norm[:, None] * toward, atol=1e-5)
+    # For a linear model that distance is exact, so PGD agrees with the rule "robust at eps iff
+    # the minimal perturbation exceeds eps", per sample.
+    for scale, fooled in [(0.98, False), (1.02, True)]:
+        out = attacks.pgd(model, x, y, scale * dist, scale * dist / 4, 10, random_start=False,
+                          clip=None)
+        with torch.no_grad():
+            assert ((model(out).argmax(1) != y) == fooled).all()
+
+
+def test_deepfool_linear_three_class_hand_computation():
+    model = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1., 0.], [0., 1.], [-1., -1.]]))
+    x = torch.tensor([[2., 1.], [0., -2.], [-1., -2.]])
+    y = torch.tensor([0, 1, 2])
+    # Row 0: Z = (2, 1, -3); to class 1: |1 - 2| / ||W1 - W0||_1 = 1/2, to class 2: 5/3
+    #   -> 1/2 along sign(W1 - W0) = (-1, 1).
+    # Row 1: Z = (0, -2, 2): misclassified already -> unchanged.
+    # Row 2: Z = (-1, -2, 3); to class 0: 4 / ||(2, 1)||_1 = 4/3, to class 1: 5/3
+    #   -> 4/3 along sign(W0 - W2) = (1, 1).
+    out = attacks.deepfool(model, x, y, overshoot=0.0, clip=None)
+    r = out - x
+    assert torch.equal(out[1], x[1])
+    dist, direction = torch.tensor([0.5, 4 / 3]), torch.tensor([[-1., 1.], [1., 1.]])
+    norm = r[[0, 2]].abs().amax(1)
+    assert (norm >= dist).all() and (norm <= dist + 1e-3).all()
+    assert torch.allclose(r[[0, 2]], norm[:, None] * direction, atol=1e-6)
+    with torch.no_grad():
+        assert model(out).argmax(1).tolist() == [1, 2, 0]
+
+
+@pytest.fixture(scope="module")
+def atk_toy():
+    """A SmallCNN (3 x 8 x 8 inputs, 3 classes) after 40 Adam steps on noisy copies of three
+    random prototypes, in eval mode, and a held-out batch of 32 it classifies correctly."""
+    gen = torch.Generator().manual_seed(0)
+    protos = torch.rand(3, 3, 8, 8, generator=gen) * 0.6 + 0.2
+
+    def batch(n):
+        y = torch.randint(0, 3, (n,), generator=gen)
+        return (protos[y] + 0.25 * torch.randn(n, 3, 8, 8, generator=gen)).clamp(0, 1), y
+
+    torch.manual_seed(0)
+    model = models.SmallCNN(num_classes=3, in_channels=3, image_size=8)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(40):
+        x, y = batch(64)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval().zero_grad(set_to_none=True)
+    x, y = batch(32)
+    with torch.no_grad():
+        assert torch.equal(model(x).argmax(1), y)
+    return model, x, y
+
+
+def _atk_soft_ce(y, num_classes=3):
+    """A soft-label CE that closes over its targets: 0.8 one-hot + 0.2 uniform-Dirichlet draw."""
+    noise = -torch.rand(len(y), num_classes, generator=torch.Generator().manual_seed(0)).log()
+    soft = 0.8 * F.one_hot(y, num_classes) + 0.2 * noise / noise.sum(1, keepdim=True)
+    return lambda logits, _: -(soft * F.log_softmax(logits, 1)).sum(1)
+
+
+def _atk_cases(y, eps):
+    """name: (attack(model, x), the per-sample loss it raises, the L-inf radius or None)."""
+    ce = lambda z, t: F.cross_entropy(z, t, reduction="none")
+    soft = _atk_soft_ce(y)
+    margin = lambda z, t: attacks.cw_margin(z, t, kappa=float("inf"))
+    return {
+        "pgd_ce": (lambda m, x: attacks.pgd(m, x, y, eps, eps / 4, 10), ce, eps),
+        "pgd_cw": (lambda m, x: attacks.pgd(m, x, y, eps, eps / 4, 10, loss="cw", kappa=50.),
+                   lambda z, t: attacks.cw_margin(z, t, 50.), eps),
+        "pgd_soft_label": (lambda m, x: attacks.pgd(m, x, y, eps, eps / 4, 10, loss=soft), soft, eps),
+        "pgd_restarts": (lambda m, x: attacks.pgd(m, x, y, eps, eps / 4, 5, restarts=3), ce, eps),
+        "fgsm": (lambda m, x: attacks.fgsm(m, x, y, eps), ce, eps),
+        "square": (lambda m, x: attacks.square(m, x, y, eps, n_queries=30), margin, eps),
+        "deepfool": (lambda m, x: attacks.deepfool(m, x, y), margin, None),
+    }
+
+
+@pytest.mark.parametrize("name", ["pgd_ce", "pgd_cw", "pgd_soft_label", "pgd_restarts", "fgsm",
+                                  "square", "deepfool"])
+def test_attack_contract(atk_toy, name):
+    model, x, y = atk_toy
+    model = copy.deepcopy(model)
+    attack, loss, eps = _atk_cases(y, 0.1)[name]
+    params = list(model.parameters())
+    preset = [torch.randn_like(p) for p in params]
+    # Train mode with no .grad, then eval mode with .grad already set: both stay as they were.
+    for train, grads in [(True, [None] * len(params)), (False, preset)]:
+        model.train(train)
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        x_in = x.clone().requires_grad_(True)
+        torch.manual_seed(0)
+        out = attack(model, x_in)
+        assert all(m.training == train for m in model.modules())
+        for p, g in zip(params, grads):
+            assert p.grad is None if g is None else torch.equal(p.grad, g)
+        assert x_in.grad is None and torch.equal(x_in.detach(), x)
+        assert out.shape == x.shape and out.dtype == x.dtype
+        assert not out.requires_grad and out.grad_fn is None
+        assert out.min() >= 0 and out.max() <= 1
+        if eps is not None:
+            assert (out - x).abs().max() <= eps + 1e-6
+        with torch.no_grad():
+            assert (loss(model(out), y) >= loss(model(x), y) - 1e-5).all()
+
+
+@pytest.mark.parametrize("name", ["pgd_ce", "pgd_cw", "pgd_soft_label", "fgsm"])
+def test_pgd_per_sample_eps(atk_toy, name):
+    model, x, y = atk_toy
+    eps = torch.tensor([0.0, 0.03, 0.06, 0.1]).repeat(len(x) // 4)
+    torch.manual_seed(0)
+    out = _atk_cases(y, eps)[name][0](model, x)
+    dist = (out - x).flatten(1).abs().amax(1)
+    assert torch.equal(out[eps == 0], x[eps == 0])
+    assert (dist <= eps + 1e-6).all()
+    assert torch.allclose(dist[eps > 0], eps[eps > 0], atol=1e-6)  # each reaches its own radius
+    # A [B] tensor of one value is the float.
+    runs = []
+    for e in (0.06, torch.full((len(x),), 0.06)):
+        torch.manual_seed(0)
+        runs.append(_atk_cases(y, e)[name][0](model, x))
+    assert torch.allclose(*runs, atol=1e-6)
+
+
+def test_pgd_restarts_never_drop_a_first_restart_success(atk_toy):
+    model, x, y = atk_toy
+    runs = []
+    for restarts in (1, 4):  # the first restart makes the same draws as a single run
+        torch.manual_seed(5)
+        runs.append(attacks.pgd(model, x, y, 0.07, 0.02, 5, restarts=restarts))
+    with torch.no_grad():
+        fooled_1, fooled_4 = (model(r).argmax(1) != y for r in runs)
+    assert 0 < fooled_1.sum() < len(y)
+    assert torch.equal(runs[1][fooled_1], runs[0][fooled_1]) and (fooled_4 >= fooled_1).all()
+
+
+class _AtkQuerySpy(torch.nn.Module):
+    """Wraps a model for a black-box attack: raises if a gradient could be taken, and logs each
+    query, with its margin max_{j != y} Z_j - Z_y (>= 0: fooled), under the clean point it lies
+    within eps of (the clean points are more than 2 eps apart)."""
+
+    def __init__(self, model, x, y, eps):
+        super().__init__()
+        self.model, self.x, self.y, self.eps = model, x, y, eps
+        self.queries = [[] for _ in x]
+
+    def forward(self, q):
+        if torch.is_grad_enabled() or q.requires_grad:
+            raise AssertionError("a black-box attack built a graph")
+        logits = self.model(q)
+        near = (q[:, None] - self.x[None]).flatten(2).abs().amax(2) <= self.eps + 1e-6
+        assert (near.sum(1) == 1).all()
+        owner = near.float().argmax(1)
+        margins = attacks.cw_margin(logits, self.y[owner], kappa=float("inf"))
+        for j, i in enumerate(owner.tolist()):
+            self.queries[i].append((q[j].clone(), margins[j].item()))
+        return logits
+
+
+def test_square_query_budget_black_box_and_early_stop(atk_toy):
+    model, x, y = atk_toy
+    eps, n_queries = 0.15, 60
+    y = y.clone()
+    y[-1] = (y[-1] + 1) % 3  # x[-1] is misclassified from the start
+    spy = _AtkQuerySpy(model, x, y, eps)
+    out = attacks.square(spy, x, y, eps, n_queries=n_queries)
+    assert (out - x).abs().max() <= eps + 1e-6 and out.min() >= 0 and out.max() <= 1
+    never_fooled = 0
+    for i, qs in enumerate(spy.queries):
+        margins = [m for _, m in qs]
+        assert 1 <= len(qs) <= n_queries
+        hits = [k for k, m in enumerate(margins) if m >= 0]
+        if hits:  # stopped at the first query that fooled the model, and returns it
+            assert hits[0] == len(qs) - 1 and torch.equal(out[i], qs[-1][0])
+        else:  # never fooled: the whole budget was spent
+            assert len(qs) == n_queries
+            never_fooled += 1
+        # No query repeats the best point so far (the stripes start, then strict improvements):
+        # like the reference, a window is resampled until it changes that point.
+        best = 1
+        for k in range(2, len(qs)):
+            assert not torch.equal(qs[k][0], qs[best][0])
+            best = k if margins[k] > margins[best] else best
+    assert 0 < never_fooled < len(x) - 1  # the case has both kinds of point
+    # Only still-correct points are attacked: x[-1] costs the one query that finds it wrong.
+    assert len(spy.queries[-1]) == 1 and torch.equal(out[-1], x[-1])
+
+
+def test_square_deterministic_for_fixed_seed(atk_toy):
+    model, x, y = atk_toy
+    state = torch.get_rng_state()
+    a, b, c = (attacks.square(model, x, y, 0.15, n_queries=40, seed=s) for s in (3, 3, 4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.get_rng_state(), state)  # its own generator: the global one is untouched
+
 
 # ---------------------------------------------------------------- train_customized.py
+import train_customized as customized  # noqa: E402  (importable: nothing runs at import)
+
+FAKE = ["--dataset", "fake-mnist", "--arch", "smallcnn", "--train-size", "128", "--test-size", "32",
+        "--eval-size", "32", "--batch-size", "32"]
+CUSTOM = ["train_customized.py", *FAKE, "--eps-max", "0.1", "--eta", "0.01"]
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def untimed(log):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in log]
+
+
+def test_customized_adaptive_labels_eq4():
+    y, eps = torch.tensor([0, 2, 1]), torch.tensor([0.0, 0.05, 0.1])
+    torch.manual_seed(0)
+    got = customized.adaptive_labels(y, eps, c=10, beta=1.0, num_classes=3)
+    torch.manual_seed(0)
+    d = torch.distributions.Dirichlet(torch.ones(3, 3)).sample()
+    onehot = torch.eye(3)[y]
+    w = torch.tensor([0.0, 0.5, 1.0])[:, None]  # c * eps_i
+    assert torch.allclose(got, (1 - w) * onehot + w * d)
+    assert torch.allclose(got.sum(1), torch.ones(3)) and (got >= 0).all()
+    assert torch.equal(got[0], onehot[0])         # eps_i = 0: the one-hot label
+    assert torch.allclose(got[2], d[2])           # c eps_i = 1: pure Dirichlet draw, the limit
+    assert got[1, 2] >= 0.5                       # at least 1 - c eps_i on the true class
+    assert torch.equal(customized.adaptive_labels(y, eps, 0, 1.0, 3), onehot)  # c = 0
+
+
+def test_customized_update_epsilons_reset_grow_cap():
+    eps = torch.tensor([0.0, 0.01, 0.028, 0.03, 0.02])
+    fooled = torch.tensor([True, False, False, False, True])
+    got = customized.update_epsilons(eps, fooled, eta=0.005, eps_max=0.031)
+    assert torch.allclose(got, torch.tensor([0.0, 0.015, 0.031, 0.031, 0.0]))
+
+
+def test_customized_mixed_loss_eq6():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, -1.0], [-5.0, -7.0, -6.0]])
+    y = torch.tensor([0, 0, 1])
+    y_soft = torch.tensor([[0.8, 0.1, 0.1], [1.0, 0.0, 0.0], [0.2, 0.6, 0.2]])
+    import math
+    lse = [math.log(math.exp(2) + math.exp(1) + 1), math.log(1 + math.exp(3) + math.exp(-1)),
+           math.log(math.exp(-5) + math.exp(-7) + math.exp(-6))]
+    ce = [lse[0] - (0.8 * 2 + 0.1 * 1), lse[1] - 0.0, lse[2] - (0.2 * -5 + 0.6 * -7 + 0.2 * -6)]
+    margin = [max(1 - 2, -10), max(3 - 0, -10), max(-5 - (-7), -10)]
+    got = customized.mixed_loss(logits, y_soft, y, kappa=10)
+    assert torch.allclose(got, torch.tensor(ce) + torch.tensor(margin, dtype=torch.float), atol=1e-5)
+    # kappa floors the margin of a confidently correct sample
+    assert customized.mixed_loss(torch.tensor([[9.0, 0.0]]), torch.tensor([[1.0, 0.0]]),
+                                 torch.tensor([0]), kappa=2).item() == pytest.approx(
+        math.log(1 + math.exp(-9)) - 2, abs=1e-5)
+
+
+def test_customized_cli_end_to_end(tmp_path):
+    out = str(tmp_path / "run")
+    run_cli(*CUSTOM, "--epochs", "2", "--out", out)
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [1, 2]
+    for key in ("lr", "train_loss", "train_adv_acc", "train_clean_acc", "test_clean_acc", "test_pgd_acc",
+                "seconds", "images_per_s", "eps_mean", "eps_q10", "eps_q50", "eps_q90", "eps_at_max"):
+        assert key in log[-1], key
+    ck = torch.load(os.path.join(out, "model.pt"), weights_only=True)
+    eps = ck["eps"]
+    assert ck["epoch"] == 2 and ck["arch"] == "smallcnn" and ck["method"] == "customized"
+    assert eps.shape == (128,) and (eps > 0).any()              # the table moved
+    steps = eps / 0.01                                          # Alg. 1: eps_i is k * eta, <= eps_max
+    assert torch.allclose(steps, steps.round(), atol=1e-4) and eps.max() <= 0.1 + 1e-7
+    assert log[-1]["eps_mean"] == pytest.approx(eps.mean().item(), abs=1e-6)
+    with open(os.path.join(out, "eps_hist.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # The reloaded weights give the clean test accuracy the run logged with its final model.
+    import torchvision
+    model = models.get_model("smallcnn", 10, 1, 28)
+    model.load_state_dict(ck["model"])
+    model.eval()
+    test = torchvision.datasets.FakeData(32, (1, 28, 28), 10, torchvision.transforms.ToTensor(),
+                                         random_offset=1_000_000)
+    x = torch.stack([test[i][0] for i in range(32)])
+    y = torch.tensor([test[i][1] for i in range(32)])
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    assert acc == pytest.approx(log[-1]["test_clean_acc"])
+
+
+@pytest.mark.parametrize("bad", [["--c", "10", "--eps-max", "0.3"], ["--eta", "-0.1"], ["--eps-max", "0"],
+                                 ["--beta", "0"], ["--arch", "resnet9000"], ["--dataset", "imagenet22k"],
+                                 ["--eps-max", "8/0"], ["--amp"]])
+def test_customized_rejects_invalid_args(bad, tmp_path):
+    proc = run_cli(*CUSTOM, "--out", str(tmp_path / "x"), *bad, check=False)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "error" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
 
 
 # ---------------------------------------------------------------- train_calibrated.py
@@ -41,6 +535,123 @@ def run_cli(*args, check=True, env=None, timeout=600):
 
 
 # ---------------------------------------------------------------- resume, errors, determinism
+import signal  # noqa: E402
+import time  # noqa: E402
+
+
+def final_state(out):
+    ck = torch.load(os.path.join(out, "model.pt"), weights_only=True)
+    return ck, untimed(read_log(out))
+
+
+def assert_same_run(a, b):
+    (ck_a, log_a), (ck_b, log_b) = final_state(a), final_state(b)
+    assert ck_a["epoch"] == ck_b["epoch"]
+    for k in ck_a["model"]:
+        assert torch.equal(ck_a["model"][k], ck_b["model"][k]), k
+    assert torch.equal(ck_a["eps"], ck_b["eps"])
+    assert log_a == log_b
+
+
+def start_and_stop(args, out, sig, after_lines):
+    """Start a training run, send `sig` once its log has `after_lines` lines; return its stderr."""
+    proc = subprocess.Popen([sys.executable, *args, "--out", out], cwd=HERE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(os.path.join(out, "model.pt")) and len(open(log).readlines()) >= after_lines:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+    args = [*CUSTOM, "--epochs", "4"]
+    run_cli(*args, "--out", str(tmp_path / "straight"))
+    code, _ = start_and_stop(args, str(tmp_path / "killed"), signal.SIGKILL, after_lines=1)
+    assert code == -signal.SIGKILL
+    assert torch.load(tmp_path / "killed" / "model.pt", weights_only=True)["epoch"] < 4
+    run_cli(*args, "--out", str(tmp_path / "killed"), "--resume")
+    assert_same_run(tmp_path / "straight", tmp_path / "killed")
+
+
+def test_sigint_saves_midepoch_and_resume_is_exact(tmp_path):
+    args = [*CUSTOM, "--epochs", "3", "--train-size", "512", "--batch-size", "16"]
+    run_cli(*args, "--out", str(tmp_path / "straight"))
+    code, err = start_and_stop(args, str(tmp_path / "stopped"), signal.SIGINT, after_lines=1)
+    assert code != 0 and "interrupted at epoch" in err
+    ck = torch.load(tmp_path / "stopped" / "model.pt", weights_only=True)
+    assert ck["batch"] > 0  # a mid-epoch checkpoint
+    run_cli(*args, "--out", str(tmp_path / "stopped"), "--resume")
+    assert_same_run(tmp_path / "straight", tmp_path / "stopped")
+
+
+def test_seed_determinism_and_seed_matters(tmp_path):
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        run_cli(*CUSTOM, "--epochs", "1", "--seed", seed, "--out", str(tmp_path / name))
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+    assert final_state(tmp_path / "a")[1] != final_state(tmp_path / "c")[1]
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.path.join(HERE, '.pwned')}",))
+
+
+@pytest.mark.parametrize("script", ["train_customized.py", "evaluate.py"])
+def test_pickle_with_code_is_refused_and_never_runs(script, tmp_path):
+    import pickle
+    bad = tmp_path / "model.pt"
+    with open(bad, "wb") as f:
+        pickle.dump({"model": Payload()}, f)
+    marker = os.path.join(HERE, ".pwned")
+    args = [*CUSTOM, "--out", str(tmp_path / "o"), "--resume", str(bad)] if script.startswith("train") \
+        else ["evaluate.py", "--ckpt", str(bad)]
+    proc = run_cli(*args, check=False)
+    assert proc.returncode != 0 and not os.path.exists(marker)
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_bad_inputs_one_line_errors(tmp_path):
+    out = str(tmp_path / "run")
+    run_cli(*CUSTOM, "--epochs", "1", "--out", out)
+    cases = {
+        "holds a run": [*CUSTOM, "--epochs", "1", "--out", out],
+        "other settings: eta": [*CUSTOM, "--epochs", "1", "--out", out, "--resume", "--eta", "0.02"],
+        "no checkpoint": [*CUSTOM, "--out", str(tmp_path / "none"), "--resume"],
+        "cannot load mnist": [*CUSTOM, "--dataset", "mnist", "--data-dir", str(tmp_path / "nodata"),
+                              "--out", str(tmp_path / "m")],
+        "not a loadable checkpoint": [*CUSTOM, "--out", str(tmp_path / "t"), "--resume", __file__],
+    }
+    for expect, args in cases.items():
+        proc = run_cli(*args, check=False, env={"no_proxy": "*", "https_proxy": "http://127.0.0.1:9"})
+        assert proc.returncode != 0, expect
+        assert expect in proc.stderr and "Traceback" not in proc.stderr, (expect, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    # Poison the loss from the 5th batch (epoch 2 of 4 batches) through the real main().
+    code = ("import sys, torch, train_customized as t\n"
+            "step, calls = t.train_step, [0]\n"
+            "def poisoned(*a):\n"
+            "    calls[0] += 1\n"
+            "    out = step(*a)\n"
+            "    return {**out, 'loss': out['loss'] * float('nan')} if calls[0] >= 5 else out\n"
+            "t.train_step = poisoned\n"
+            "t.main(sys.argv[1:])\n")
+    proc = run_cli("-c", code, *CUSTOM[1:], "--epochs", "3", "--out", out, check=False)
+    assert proc.returncode != 0
+    assert "non-finite loss at epoch 2, batch 1" in proc.stderr and "Traceback" not in proc.stderr
+    ck = torch.load(os.path.join(out, "model.pt"), weights_only=True)
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert len(read_log(out)) == 1
+
 
 
 # ---------------------------------------------------------------- torchrun, amp
