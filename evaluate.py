@@ -1,0 +1,344 @@
+"""Evaluate a checkpoint of train_customized.py or train_calibrated.py under either paper's protocol.
+
+    python evaluate.py --ckpt runs/x/model.pt                        # the protocol of its method
+    python evaluate.py --ckpt runs/x/model.pt --protocol customized --full
+    python evaluate.py --ckpt runs/x/model.pt --transfer-from runs/natural/model.pt   # Table 5
+
+The model is rebuilt from the checkpoint's arch and dataset and attacked in eval mode on the test
+split; every eps is in pixel units. Attacks, by the names --attacks takes, in run order:
+
+  calibrated  paper 002, Sec. 5.1.1: pgd20, pgd100 (CE, step 0.003, no random start), cw (C&W-inf,
+              eps 0.031, step 0.003, 30 steps, kappa 50, random start), fgsm, square (5000 queries)
+              at 8/255; on 1-channel (MNIST-like) data eps 0.3 and step 0.015 for all.
+  customized  paper 000, Sec. 5, Table 3: pgd100, cw100 (kappa 50), --full: pgd1000x20, cw1000x20
+              (20 restarts), all step eps/5 with random starts; deepfool, robust where its minimal
+              L-inf perturbation exceeds eps, last as the costliest. 8/255 (MNIST-like: 0.3).
+  default     the protocol of the paper whose method trained the checkpoint (its "method");
+              calibrated where it records none. Both: sanity, and autoattack with --autoattack.
+
+Worst case per sample: each attack runs only on the points still correct after natural and every
+earlier attack, so a column is the accuracy under that attack and those to its left, and the last,
+"any attack", is what attacking every point with every attack gives, at a fraction of the cost
+(exactly, for attacks without randomness; cw's random starts and square's search draw per batch).
+--attack-all attacks every naturally correct point with every attack: each column is then that
+attack alone, as in the papers' tables.
+
+Gradient-masking flags (Athalye et al. 2018), in shares of the examples that read the same with or
+without --attack-all ("broke": made wrong a point that every earlier attack left correct):
+  square_below_whitebox  square broke over 1% that every white-box attack missed
+  fgsm_below_pgd         fgsm broke over 1% that every iterative attack missed
+  more_steps_no_gain     pgd100 broke none that pgd20 missed (pgd1000x20: pgd100); on few
+                         examples a pgd20 that has converged raises it too
+  large_eps_not_zero     sanity (PGD at eps 0.5, margin loss, 20 steps of 0.05) leaves over 1% correct
+
+Output: a table on stdout, progress with images/s on stderr, and a JSON file with every attack's
+settings, the checkpoint's path, sha256, arch and training args, n, seed and device.
+"""
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import time
+import warnings
+from fractions import Fraction
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Subset
+from torchvision import transforms as T
+
+import attacks
+import models
+
+CK_KEYS = ("model", "arch", "num_classes", "in_channels", "image_size", "dataset")
+FAKE_SHAPES = {"fake-mnist": (1, 28, 28), "fake-cifar10": (3, 32, 32)}
+WHITE_BOX = ("pgd20", "pgd100", "cw", "fgsm", "cw100", "pgd1000x20", "cw1000x20")
+
+
+def fail(msg):
+    """Bad input: one line on stderr and exit code 2, never a traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def fraction(s):
+    """A number or a fraction such as 8/255."""
+    try:
+        return float(Fraction(s))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number or fraction: {s!r}")
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def load_model(path):
+    """(classifier in eval mode, checkpoint dict); a bad checkpoint exits with one line."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}")
+    try:
+        with warnings.catch_warnings():  # e.g. on a foreign pickle protocol: the error says enough
+            warnings.simplefilter("ignore")
+            # weights_only: a checkpoint is data; a pickle that would run code is refused, not run.
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        code = [line for line in str(e).splitlines() if "GLOBAL" in line]  # torch names the callable
+        if code:
+            fail(f"{path}: refused, the pickle carries code (weights_only=True): {code[0].strip()[:200]}")
+        fail(f"{path} is not a readable checkpoint (torch.load, weights_only=True: {type(e).__name__})")
+    if not isinstance(ck, dict) or not all(k in ck for k in CK_KEYS):
+        fail(f"{path} is not a checkpoint of this project: it needs the keys {', '.join(CK_KEYS)}")
+    if ck["arch"] not in models.ARCHS:
+        fail(f"{path}: unknown arch {ck['arch']!r}; valid: {', '.join(models.ARCHS)}")
+    try:
+        model = models.get_model(ck["arch"], ck["num_classes"], ck["in_channels"], ck["image_size"])
+        model.load_state_dict(ck["model"])
+    except Exception as e:
+        fail(f"{path}: the state dict does not fit arch {ck['arch']}: {' '.join(str(e).split())[:300]}")
+    return model.eval(), ck
+
+
+def load_test_set(ck, data_dir):
+    """The test split the training scripts evaluate on, ToTensor only (models take [0, 1])."""
+    train_args, name, V, to_tensor = ck.get("args") or {}, ck["dataset"], torchvision.datasets, T.ToTensor()
+    if name in FAKE_SHAPES:  # built exactly as the training scripts build their fake test sets
+        return V.FakeData(train_args.get("test_size") or 1000, FAKE_SHAPES[name], 10, to_tensor,
+                          random_offset=1_000_000 + train_args.get("seed", 0))
+    build = {"cifar10": lambda: V.CIFAR10(data_dir, False, to_tensor),
+             "cifar100": lambda: V.CIFAR100(data_dir, False, to_tensor),
+             "svhn": lambda: V.SVHN(data_dir, "test", to_tensor),
+             "mnist": lambda: V.MNIST(data_dir, False, to_tensor),
+             "imagefolder": lambda: V.ImageFolder(os.path.join(data_dir, "val"), to_tensor)}
+    if name not in build:
+        fail(f"unknown dataset {name!r} in the checkpoint; valid: {', '.join([*build, *FAKE_SHAPES])}")
+    try:
+        data = build[name]()
+    except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found or corrupted"
+        fail(f"cannot load the {name} test set from {data_dir}: {str(e).splitlines()[0]}")
+    if data[0][0].shape[0] != ck["in_channels"]:
+        fail(f"the {name} test set has {data[0][0].shape[0]} channels, the model {ck['in_channels']}")
+    return data
+
+
+def protocol_attacks(args, mnist_like):
+    """(attacks in run order, sanity check or None), each a dict of its exact settings."""
+    def pgd(name, eps, alpha, steps, loss="ce", random_start=True, restarts=1, kappa=None):
+        return dict(name=name, kind="pgd", eps=eps, alpha=alpha, steps=steps, loss=loss, kappa=kappa,
+                    random_start=random_start, restarts=restarts)
+    eps = args.eps if args.eps is not None else 0.3 if mnist_like else 8 / 255
+    if args.protocol == "calibrated":  # paper 002, Sec. 5.1.1: no random start but for C&W
+        alpha = 0.015 if mnist_like else 0.003
+        cw_eps = args.eps if args.eps is not None else 0.3 if mnist_like else 0.031
+        specs = [pgd("pgd20", eps, alpha, 20, random_start=False), pgd("pgd100", eps, alpha, 100, random_start=False),
+                 pgd("cw", cw_eps, alpha, 30, "cw", kappa=50.0), dict(name="fgsm", kind="fgsm", eps=eps),
+                 dict(name="square", kind="square", eps=eps, n_queries=args.square_queries, p_init=0.8)]
+    else:  # paper 000, Sec. 5: step eps/5; it gives no kappa, so paper 002's
+        specs = [pgd("pgd100", eps, eps / 5, 100), pgd("cw100", eps, eps / 5, 100, "cw", kappa=50.0)]
+        if args.full:
+            specs += [pgd("pgd1000x20", eps, eps / 5, 1000, restarts=20),
+                      pgd("cw1000x20", eps, eps / 5, 1000, "cw", restarts=20, kappa=50.0)]
+        specs.append(dict(name="deepfool", kind="deepfool", eps=eps, steps=50, overshoot=0.02))
+    if args.autoattack:
+        specs.append(dict(name="autoattack", kind="autoattack", eps=eps, version="standard"))
+    for s in specs:  # --steps / --restarts for quick or stronger runs
+        if s["kind"] == "pgd" and args.steps:
+            s["steps"] = args.steps
+        if s["kind"] == "pgd" and args.restarts:
+            s["restarts"], s["random_start"] = args.restarts, s["random_start"] or args.restarts > 1
+    # At eps 0.5 an honest model falls to ~0; margin loss, as CE saturates; 2 eps of travel in all.
+    steps = args.steps or 20
+    specs.append(pgd("sanity", 0.5, 1.0 / steps, steps, "margin", random_start=False))
+    valid = [s["name"] for s in specs]
+    wanted = args.attacks.split(",") if args.attacks else valid
+    if set(wanted) - set(valid):
+        fail(f"--attacks: unknown {','.join(sorted(set(wanted) - set(valid)))}; "
+             f"valid with --protocol {args.protocol}: {','.join(valid)}")
+    specs = [s for s in specs if s["name"] in wanted]
+    return [s for s in specs if s["name"] != "sanity"], next((s for s in specs if s["name"] == "sanity"), None)
+
+
+def attack_loss(spec):
+    """The loss PGD ascends. C&W-inf is the attacker's objective of Carlini & Wagner and of Zhang et
+    al. (2020)'s code: min(max_{j != y} Z_j - Z_y, kappa). attacks.cw_margin clamps the other side
+    (at -kappa, the defender's hinge of paper 000's Eq. 6), which gives a point that is correct by
+    more than kappa no gradient, so it is called unclamped and clamped here."""
+    if spec["loss"] == "ce":
+        return "ce"
+    kappa = float("inf") if spec["kappa"] is None else spec["kappa"]
+    return lambda logits, y: attacks.cw_margin(logits, y, float("inf")).clamp(max=kappa)
+
+
+def survives(spec, source, model, x, y, seed):
+    """Per sample: is `model` still correct on spec's adversarial example crafted on `source`
+    (the model itself, or the --transfer-from model)?"""
+    kind = spec["kind"]
+    if kind == "natural":
+        x_adv = x
+    elif kind == "pgd":
+        x_adv = attacks.pgd(source, x, y, spec["eps"], spec["alpha"], spec["steps"], attack_loss(spec),
+                            spec["random_start"], spec["restarts"])
+    elif kind == "fgsm":
+        x_adv = attacks.fgsm(source, x, y, spec["eps"])
+    elif kind == "square":
+        x_adv = attacks.square(source, x, y, spec["eps"], spec["n_queries"], spec["p_init"], seed)
+    elif kind == "deepfool":
+        x_adv = attacks.deepfool(source, x, y, spec["steps"], spec["overshoot"])
+        if source is model:  # Table 3: robust if the minimal perturbation exceeds eps, or none flips it
+            with torch.no_grad():
+                return (model(x_adv).argmax(1) == y) | ((x_adv - x).flatten(1).abs().amax(1) > spec["eps"])
+        x_adv = x + (x_adv - x).clamp(-spec["eps"], spec["eps"])  # transfer: its direction, cut to eps
+    else:
+        from autoattack import AutoAttack
+        x_adv = AutoAttack(source, norm="Linf", eps=spec["eps"], version="standard", device=str(x.device),
+                           seed=seed, verbose=False).run_standard_evaluation(x, y, bs=len(x))
+    with torch.no_grad():
+        return model(x_adv).argmax(1) == y
+
+
+def run_attack(spec, source, model, data, points, args):
+    """survives() for each example index in `points`, in batches; progress lines with images/s."""
+    torch.manual_seed(args.seed)  # an attack's random starts do not depend on the attacks before it
+    out, t0, last = [torch.zeros(0, dtype=torch.bool)], time.time(), time.time()
+    progress = lambda: print(f"{spec['name']:>10}: {sum(map(len, out))}/{len(points)} points, "
+                             f"{sum(map(len, out)) / max(time.time() - t0, 1e-9):.1f} images/s",
+                             file=sys.stderr, flush=True)
+    for b, (x, y) in enumerate(DataLoader(Subset(data, points.tolist()), args.batch_size)):
+        out.append(survives(spec, source, model, x.to(args.device), y.to(args.device), args.seed + b).cpu())
+        if time.time() - last > 30:  # a long attack is not silent
+            progress()
+            last = time.time()
+    progress()
+    return torch.cat(out), time.time() - t0
+
+
+def evaluate(model, data, specs, sanity, args, source=None):
+    """(natural mask, any-attack mask, one result per attack, sanity result or None). Each attack
+    attacks the points that survived every earlier one, or with --attack-all every natural-correct one."""
+    natural, _ = run_attack({"name": "natural", "kind": "natural"}, model, model, data, torch.arange(len(data)), args)
+    robust, results = natural.clone(), []
+    for spec in specs:
+        points = (natural if args.attack_all else robust).nonzero().squeeze(1)
+        ok, seconds = run_attack(spec, source or model, model, data, points, args)
+        mine = torch.zeros(len(data), dtype=torch.bool)
+        mine[points] = ok
+        results.append({"name": spec["name"], "settings": spec, "accuracy": mine.float().mean().item(),
+                        "attacked": len(points), "correct_before": int(robust.sum()),
+                        "newly_broken": int((robust & ~mine).sum()),  # the same in both modes
+                        "seconds": seconds, "images_per_s": len(points) / max(seconds, 1e-9)})
+        robust &= mine
+    if sanity:  # white-box on the evaluated model, every naturally correct point
+        ok, seconds = run_attack(sanity, model, model, data, natural.nonzero().squeeze(1), args)
+        sanity = {"settings": sanity, "accuracy": ok.sum().item() / len(data), "seconds": seconds}
+    return natural, robust, results, sanity
+
+
+def masking_flags(results, sanity, n):
+    """The gradient-masking flags of the module docstring: {flag: {"raised": bool, or None where
+    the attacks it needs did not run, "detail": str}}."""
+    names, by = [r["name"] for r in results], {r["name"]: r for r in results}
+    # The share of n that `name` broke among the survivors of the attacks before it; None: not run.
+    broke = lambda name, earlier: by[name]["newly_broken"] / n \
+        if name in by and set(earlier) & set(names[:names.index(name)]) else None
+    flag = lambda share, raise_if, detail: {"raised": None, "detail": "not run"} if share is None \
+        else {"raised": raise_if(share), "detail": detail.format(share)}
+    short, long = next(((a, b) for a, b in (("pgd100", "pgd1000x20"), ("pgd20", "pgd100")) if a in by and b in by
+                        and by[b]["settings"]["steps"] > by[a]["settings"]["steps"]), (None, None))
+    return {"square_below_whitebox": flag(broke("square", WHITE_BOX), lambda s: s > 0.01,
+                                          "square broke {:.1%} of the examples every white-box attack missed"),
+            "fgsm_below_pgd": flag(broke("fgsm", ("pgd20", "pgd100", "cw")), lambda s: s > 0.01,
+                                   "fgsm broke {:.1%} of the examples every iterative attack missed"),
+            "more_steps_no_gain": flag(broke(long, [short]), lambda s: s == 0 and by[long]["correct_before"] > 0,
+                                       f"{long} broke {{:.1%}} of the examples {','.join(names[:names.index(long)])} "
+                                       "missed" if long else ""),
+            "large_eps_not_zero": flag(sanity and sanity["accuracy"], lambda s: s > 0.01,
+                                       "PGD at eps 0.5 leaves {:.1%} of the examples correct")}
+
+
+def print_table(label, report):
+    cols = ["natural", *[r["name"] for r in report["attacks"]], "any attack"]
+    accs = [report["natural"], *[r["accuracy"] for r in report["attacks"]], report["any_attack"]]
+    widths = [max(len(c), 6) for c in cols]
+    print(" " * len(label) + "".join(f"  {c:>{w}}" for c, w in zip(cols, widths)))
+    print(label + "".join(f"  {100 * a:>{w}.2f}" for a, w in zip(accs, widths)))
+    print("accuracy (%) under each attack alone" if report["attack_all"] else
+          "accuracy (%) under each attack and every attack to its left (--attack-all: each alone)")
+    for name, f in report["flags"].items():
+        print(f"  {'FLAG' if f['raised'] else 'ok' if f['raised'] is not None else '-':<4}  {name}: {f['detail']}")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--ckpt", required=True, help="model.pt of train_customized.py or train_calibrated.py")
+    a("--protocol", choices=["calibrated", "customized"], default=None, help="default: the checkpoint's method")
+    a("--attacks", default=None, help="comma-separated subset of the protocol's attacks, e.g. pgd20,square,sanity")
+    a("--full", action="store_true", help="customized: add Table 3's 20-restart x 1000-step PGD and C&W")
+    a("--eps", type=fraction, default=None, help="every attack's eps (not the sanity check's), e.g. 8/255")
+    a("--steps", type=int, default=None, help="the steps of every PGD and C&W attack and the sanity check")
+    a("--restarts", type=int, default=None, help="the restarts of every PGD and C&W attack (> 1: random starts)")
+    a("--square-queries", type=int, default=5000, help="Square's queries per point (paper 002: 5000)")
+    a("--n-examples", type=int, default=None, help="evaluate the first N test examples (default: all)")
+    a("--batch-size", type=int, default=128)
+    a("--attack-all", action="store_true", help="attack every naturally correct point with every attack")
+    a("--transfer-from", default=None, help="craft on this checkpoint, test --ckpt's model (paper 000, Table 5)")
+    a("--autoattack", action="store_true", help="also run AutoAttack (standard) if autoattack is installed")
+    a("--data-dir", default=None, help="dataset root (default: the checkpoint's data_dir, else ./data)")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--seed", type=int, default=0, help="seeds the random starts and Square")
+    a("--out", default=None, help="JSON results (default: CKPT_eval_PROTOCOL.json next to the checkpoint)")
+    args = p.parse_args(argv)
+    for k in ("steps", "restarts", "square_queries", "n_examples", "batch_size"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be >= 1")
+    if args.eps is not None and args.eps <= 0:
+        p.error("--eps must be > 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA device is available")
+    args.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    model, ck = load_model(args.ckpt)
+    source, source_ck = load_model(args.transfer_from) if args.transfer_from else (None, None)
+    if source_ck and any(source_ck[k] != ck[k] for k in ("num_classes", "in_channels", "image_size")):
+        fail(f"--transfer-from {args.transfer_from} takes other inputs or classes than {args.ckpt}")
+    args.protocol = args.protocol or ("customized" if ck.get("method") == "customized" else "calibrated")
+    if args.full and args.protocol != "customized":
+        fail("--full belongs to --protocol customized")
+    if args.autoattack and importlib.util.find_spec("autoattack") is None:  # optional, not a dependency
+        print("autoattack is not installed (pip install git+https://github.com/fra31/auto-attack); skipping it")
+        args.autoattack = False
+    data = load_test_set(ck, args.data_dir or (ck.get("args") or {}).get("data_dir") or "./data")
+    data = Subset(data, range(min(args.n_examples or len(data), len(data))))
+    specs, sanity = protocol_attacks(args, ck["in_channels"] == 1)
+    model.to(args.device)
+    if source is not None:
+        source.to(args.device)
+    natural, robust, results, sanity = evaluate(model, data, specs, sanity, args, source)
+    describe = lambda path, c: {"path": os.path.abspath(path), "sha256": sha256(path), "arch": c["arch"],
+                                "dataset": c["dataset"], "method": c.get("method"), "epoch": c.get("epoch"),
+                                "args": c.get("args")}
+    report = {"checkpoint": describe(args.ckpt, ck),
+              "transfer_from": describe(args.transfer_from, source_ck) if source_ck else None,
+              "protocol": args.protocol, "attack_all": args.attack_all, "n_examples": len(data),
+              "seed": args.seed, "device": args.device, "batch_size": args.batch_size, "torch": torch.__version__,
+              "natural": natural.float().mean().item(), "attacks": results,
+              "any_attack": robust.float().mean().item(), "sanity": sanity,
+              # transfer examples say nothing about the target's gradients: only the sanity check
+              "flags": masking_flags([] if source_ck else results, sanity, len(data))}
+    print_table(f"{ck.get('method') or 'model'} {ck['arch']}" + (f" <- {source_ck['arch']}" if source_ck else ""),
+                report)
+    out = args.out or os.path.splitext(args.ckpt)[0] + f"_{'transfer' if source_ck else 'eval'}_{args.protocol}.json"
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
