@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 
 def cw_margin(logits, y, kappa=0.0):
-    """Per-sample max(max_{j != y} Z_j - Z_y, -kappa): the C&W-inf loss (Carlini & Wagner 2017)
-    and the margin term of the customized paper's Eq. (6). Positive means misclassified."""
+    """Per-sample max(max_{j != y} Z_j - Z_y, -kappa), positive when misclassified: the margin
+    term of the customized paper's Eq. (6), a loss the defender minimises; kappa stops it pushing
+    once a point is correct by kappa. (The attacker's C&W-inf objective clamps the other side:
+    pgd(loss="cw") maximises min(margin, kappa).)"""
     true = logits.gather(1, y[:, None]).squeeze(1)
     # -inf, not a large negative constant, so the true class is excluded for any logit range.
     other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
@@ -24,8 +26,8 @@ def _loss_fn(loss, kappa):
         return loss
     if loss == "ce":
         return lambda logits, y: F.cross_entropy(logits, y, reduction="none")
-    if loss == "cw":
-        return lambda logits, y: cw_margin(logits, y, kappa)
+    if loss == "cw":  # C&W-inf (Carlini & Wagner 2017, f_6; TRADES' cwloss): min(margin, kappa)
+        return lambda logits, y: cw_margin(logits, y, float("inf")).clamp(max=kappa)
     raise ValueError(f"unknown loss {loss!r}; valid: 'ce', 'cw' or a callable")
 
 
@@ -46,10 +48,9 @@ def pgd(model, x, y, eps, alpha, steps, loss="ce", random_start=True, restarts=1
     """L-inf PGD (Madry et al. 2018): x <- Proj_{B(x0, eps) and box}(x + alpha * sign(grad)).
 
     eps, alpha: a float or a per-sample tensor of shape [B] (the customized method's radius).
-    loss: "ce", "cw" (cw_margin floored at -kappa) or a callable (logits, y) -> per-sample loss,
-    e.g. a soft-label CE that closes over its targets. kappa defaults to inf, the plain margin: a
-    finite floor zeroes the gradient of points classified with a margin above kappa (kappa = 0
-    would freeze every correct point), so pass 50 only to reproduce the papers' C&W-inf.
+    loss: "ce", "cw" (the C&W-inf objective min(margin, kappa): a point stops being pushed once it
+    is misclassified by kappa; the default inf is the plain margin, the papers use kappa = 50) or
+    a callable (logits, y) -> per-sample loss, e.g. a soft-label CE closing over its targets.
     With restarts > 1, each sample keeps the first restart that fools the model (prediction != y),
     else the last. The model's mode is the caller's choice.
     """

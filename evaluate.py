@@ -151,7 +151,7 @@ def protocol_attacks(args, mnist_like):
             s["restarts"], s["random_start"] = args.restarts, s["random_start"] or args.restarts > 1
     # At eps 0.5 an honest model falls to ~0; margin loss, as CE saturates; 2 eps of travel in all.
     steps = args.steps or 20
-    specs.append(pgd("sanity", 0.5, 1.0 / steps, steps, "margin", random_start=False))
+    specs.append(pgd("sanity", 0.5, 1.0 / steps, steps, "cw", random_start=False))
     valid = [s["name"] for s in specs]
     wanted = args.attacks.split(",") if args.attacks else valid
     if set(wanted) - set(valid):
@@ -161,17 +161,6 @@ def protocol_attacks(args, mnist_like):
     return [s for s in specs if s["name"] != "sanity"], next((s for s in specs if s["name"] == "sanity"), None)
 
 
-def attack_loss(spec):
-    """The loss PGD ascends. C&W-inf is the attacker's objective of Carlini & Wagner and of Zhang et
-    al. (2020)'s code: min(max_{j != y} Z_j - Z_y, kappa). attacks.cw_margin clamps the other side
-    (at -kappa, the defender's hinge of paper 000's Eq. 6), which gives a point that is correct by
-    more than kappa no gradient, so it is called unclamped and clamped here."""
-    if spec["loss"] == "ce":
-        return "ce"
-    kappa = float("inf") if spec["kappa"] is None else spec["kappa"]
-    return lambda logits, y: attacks.cw_margin(logits, y, float("inf")).clamp(max=kappa)
-
-
 def survives(spec, source, model, x, y, seed):
     """Per sample: is `model` still correct on spec's adversarial example crafted on `source`
     (the model itself, or the --transfer-from model)?"""
@@ -179,8 +168,9 @@ def survives(spec, source, model, x, y, seed):
     if kind == "natural":
         x_adv = x
     elif kind == "pgd":
-        x_adv = attacks.pgd(source, x, y, spec["eps"], spec["alpha"], spec["steps"], attack_loss(spec),
-                            spec["random_start"], spec["restarts"])
+        x_adv = attacks.pgd(source, x, y, spec["eps"], spec["alpha"], spec["steps"], spec["loss"],
+                            spec["random_start"], spec["restarts"],
+                            float("inf") if spec["kappa"] is None else spec["kappa"])
     elif kind == "fgsm":
         x_adv = attacks.fgsm(source, x, y, spec["eps"])
     elif kind == "square":

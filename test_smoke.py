@@ -301,7 +301,7 @@ def _atk_cases(y, eps):
     return {
         "pgd_ce": (lambda m, x: attacks.pgd(m, x, y, eps, eps / 4, 10), ce, eps),
         "pgd_cw": (lambda m, x: attacks.pgd(m, x, y, eps, eps / 4, 10, loss="cw", kappa=50.),
-                   lambda z, t: attacks.cw_margin(z, t, 50.), eps),
+                   lambda z, t: attacks.cw_margin(z, t, float("inf")).clamp(max=50.), eps),
         "pgd_soft_label": (lambda m, x: attacks.pgd(m, x, y, eps, eps / 4, 10, loss=soft), soft, eps),
         "pgd_restarts": (lambda m, x: attacks.pgd(m, x, y, eps, eps / 4, 5, restarts=3), ce, eps),
         "fgsm": (lambda m, x: attacks.fgsm(m, x, y, eps), ce, eps),
@@ -917,16 +917,18 @@ def test_eval_transfer_from_itself_equals_white_box(eval_toy):
     assert torch.equal(white, transfer) and other.float().mean() > white.float().mean()
 
 
-def test_eval_cw_attacks_confidently_correct_points():
-    """C&W-inf as the attacker's loss, min(margin, kappa): a point correct by more than kappa still
-    gets a gradient (attacks.cw_margin's floor at -kappa would give it none)."""
-    logits = torch.tensor([[100.0, 0.0, -5.0]], requires_grad=True)
-    loss = evaluate.attack_loss({"loss": "cw", "kappa": 50.0})(logits, torch.tensor([0]))
-    assert loss.item() == -100.0
-    grad, = torch.autograd.grad(loss.sum(), logits)
-    assert grad.tolist() == [[-1.0, 1.0, 0.0]]
-    far = torch.tensor([[0.0, 80.0, 0.0]])  # already fooled by more than kappa: capped
-    assert evaluate.attack_loss({"loss": "cw", "kappa": 50.0})(far, torch.tensor([0])).item() == 50.0
+def test_pgd_cw_attacks_confidently_correct_points():
+    """C&W-inf is the attacker's min(margin, kappa): a point correct by more than kappa still gets
+    a gradient (cw_margin's floor at -kappa, the defender's Eq. 6 hinge, would give it none)."""
+    lin = torch.nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[60.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]]))
+    x, y = torch.ones(1, 4), torch.tensor([0])                       # margin 1 - 60 = -59
+    x_adv = attacks.pgd(lin, x, y, 0.5, 0.1, 10, loss="cw", kappa=50.0, random_start=False, clip=None)
+    assert torch.allclose(x_adv, torch.tensor([[0.5, 1.5, 1.5, 1.0]]))  # pushed to the ball's edge
+    fooled = torch.tensor([[0.0, 80.0, 0.0]], requires_grad=True)   # fooled by more than kappa
+    loss = attacks._loss_fn("cw", 50.0)(fooled, y)
+    assert loss.item() == 50.0 and torch.autograd.grad(loss.sum(), fooled)[0].abs().sum() == 0
 
 
 def test_eval_bad_checkpoints_one_line_exit_2(tmp_path, capsys):
