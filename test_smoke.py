@@ -1101,8 +1101,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------- torchrun, amp
 def torchrun(*args, out):
-    return run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", *args,
-                   "--out", out)
+    return run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+                   "--out", out, timeout=300)
 
 
 def test_torchrun_customized_eps_table_consistent_across_ranks(tmp_path):
@@ -1120,6 +1120,16 @@ def test_torchrun_customized_eps_table_consistent_across_ranks(tmp_path):
     rank1 = list(DistributedSampler(range(128), 2, 1, shuffle=True, seed=0))
     assert (eps[rank1] > 0).any(), "no update from rank 1 reached rank 0's table"
     assert rec["images_per_s"] > 0 and sorted(os.listdir(out)) == ["eps_hist.png", "log.jsonl", "model.pt"]
+
+
+def test_torchrun_calibrated_two_ranks(tmp_path):
+    out = str(tmp_path / "ddp")
+    torchrun("train_calibrated.py", *FAKE, "--steps", "2", "--batch-size", "16", "--epochs", "1", out=out)
+    ck = torch.load(os.path.join(out, "model.pt"), weights_only=True)
+    (rec,) = read_log(out)
+    assert ck["epoch"] == 1 and ck["batch"] == 0 and "mask_net" in ck and ck["n"] == 0
+    assert rec["epoch"] == 1 and 0 < rec["train_mask_mean"] < 1 and rec["images_per_s"] > 0
+    assert sorted(os.listdir(out)) == ["log.jsonl", "masks.png", "model.pt"]
 
 
 def test_amp_on_cpu_is_refused(tmp_path):

@@ -188,7 +188,8 @@ def get_args(argv=None):
     a("--eps", type=fraction, help="training attack radius (Sec. 5.1.1: 8/255 on CIFAR-10, 0.3 on MNIST)")
     a("--alpha", type=fraction, help="training attack step (Sec. 5.1.1: 2/255 on CIFAR-10, eps/20 on MNIST)")
     a("--steps", type=int, help="training attack steps T (Sec. 5.1.1: 10 on CIFAR-10, 20 on MNIST)")
-    a("--kappa", type=float, default=50.0, help="C&W margin floor for --attack cw (Sec. 5.1.1: 50)")
+    a("--kappa", type=float, default=50.0, help="C&W-inf confidence for --attack cw: the attack ascends "
+      "min(margin, kappa) (Sec. 5.1.1: 50)")
     a("--no-mask", action="store_true", help="train on x' instead of x_cali, no g_phi (Sec. 5.2.3, A2)")
     a("--no-weighted-ce", action="store_true", help="plain CE on x in Eq. (13) (Sec. 5.2.3; with --no-mask, A1)")
     a("--mask-arch", choices=MASK_NETS, help="g_phi (Sec. 5.1.1, App. C as released): small on MNIST, "
@@ -324,7 +325,7 @@ class Indexed(Dataset):
 
 
 def get_data(args):
-    """(train, val, test) as Indexed datasets. CIFAR-style data gets pad-4 crop + flip."""
+    """(train, val, test) as Indexed datasets. CIFAR gets pad-4 crop + flip; imagefolder: one size."""
     V, root, plain = torchvision.datasets, args.data_dir, T.ToTensor()
     aug = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
     fake = lambda shape, n, offset: V.FakeData(n, shape, 10, plain, random_offset=offset)
@@ -339,7 +340,7 @@ def get_data(args):
         "fake-mnist": lambda tr, t: fake((1, 28, 28), args.train_size or 1000, args.seed) if tr
         else fake((1, 28, 28), args.test_size or 1000, 1_000_000 + args.seed),
     }[args.dataset]
-    cifar_like = args.dataset in ("cifar10", "cifar100", "svhn")
+    cifar_like = args.dataset in ("cifar10", "cifar100")  # SVHN digits: no flips
     try:
         train, test = build(True, aug if cifar_like else plain), build(False, plain)
         train_plain = build(True, plain) if cifar_like and args.val_size else train

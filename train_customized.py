@@ -244,7 +244,7 @@ class Indexed(Dataset):
 
 
 def get_data(args):
-    """(train, val, test) as Indexed datasets. CIFAR-style data gets pad-4 crop + flip."""
+    """(train, val, test) as Indexed datasets. CIFAR gets pad-4 crop + flip; imagefolder: one size."""
     V, root, plain = torchvision.datasets, args.data_dir, T.ToTensor()
     aug = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
     fake = lambda shape, n, offset: V.FakeData(n, shape, 10, plain, random_offset=offset)
@@ -259,7 +259,7 @@ def get_data(args):
         "fake-mnist": lambda tr, t: fake((1, 28, 28), args.train_size or 1000, args.seed) if tr
         else fake((1, 28, 28), args.test_size or 1000, 1_000_000 + args.seed),
     }[args.dataset]
-    cifar_like = args.dataset in ("cifar10", "cifar100", "svhn")
+    cifar_like = args.dataset in ("cifar10", "cifar100")  # SVHN digits: no flips
     try:
         train, test = build(True, aug if cifar_like else plain), build(False, plain)
         train_plain = build(True, plain) if cifar_like and args.val_size else train
