@@ -1040,6 +1040,7 @@ def test_seed_determinism_and_seed_matters(tmp_path):
         run_cli(*CUSTOM, "--epochs", "1", "--seed", seed, "--out", str(tmp_path / name))
     assert_same_run(tmp_path / "a", tmp_path / "b")
     assert final_state(tmp_path / "a")[1] != final_state(tmp_path / "c")[1]
+    assert read_log(tmp_path / "a")[0]["lr"] == pytest.approx(0.1)  # --epochs 1 trains at the full lr
 
 
 class Payload:

@@ -227,7 +227,7 @@ def main(argv=None):
     model = get_model(args.arch, args.num_classes, args.in_channels, args.image_size).to(args.device)
     mask_net = None if args.no_mask else get_mask_net(args.mask_arch, args.in_channels).to(args.device)
     paper_epochs, paper_milestones = PAPER_SCHEDULE[args.preset]
-    milestones = [round(m * args.epochs / paper_epochs) for m in paper_milestones]
+    milestones = [max(1, round(m * args.epochs / paper_epochs)) for m in paper_milestones]  # never 0
 
     def optimizer_and_scheduler(net):  # the same optimizer and schedule for f and g_phi (release)
         opt = torch.optim.Adam(net.parameters(), args.lr, weight_decay=args.wd) if args.optimizer == "adam" \

@@ -105,8 +105,9 @@ def method_stats(eps_table, args):
     if args.fixed_eps:
         return {}
     q = torch.quantile(eps_table.float().cpu(), torch.tensor([0.1, 0.5, 0.9]))
+    at_max = (eps_table >= args.eps_max - 1e-9).float().mean().item()
     return {"eps_mean": eps_table.mean().item(), "eps_q10": q[0].item(), "eps_q50": q[1].item(),
-            "eps_q90": q[2].item(), "eps_at_max": (eps_table >= args.eps_max - 1e-9).float().mean().item()}
+            "eps_q90": q[2].item(), "eps_at_max": at_max}
 
 
 def write_eps_histogram(eps_table, args, bins=40, height=120):
@@ -119,21 +120,23 @@ def write_eps_histogram(eps_table, args, bins=40, height=120):
     torchvision.io.write_png(img, os.path.join(args.out, "eps_hist.png"))
 
 
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Customized adversarial training (arXiv 2002.06789), Alg. 1.")
     a = p.add_argument
     a("--eta", type=fraction, default=0.005, help="eps_i increment per unfooled visit (Sec. 3.1; Sec. 5: 0.005)")
     a("--eps-max", type=fraction, default=8 / 255, help="cap on eps_i (Sec. 5: 8/255)")
-    a("--c", type=float, default=10.0, help="label-smoothing weight, alpha = c eps_i (Eq. 4; Sec. 5: 10); 0 = no label adaptation")
+    a("--c", type=float, default=10.0, help="label-smoothing weight, alpha = c eps_i (Eq. 4; Sec. 5: 10); "
+      "0 = no label adaptation")
     a("--beta", type=float, default=1.0, help="Dirichlet concentration (Eq. 4; Sec. 5: 1 = uniform on the simplex)")
-    a("--kappa", type=float, default=10.0, help="C&W margin floor in the mixed loss (Eq. 6; Sec. 5: 10)")
+    a("--kappa", type=float, default=10.0, help="floor -kappa of the C&W margin in the mixed loss (Eq. 6; Sec. 5: 10)")
     a("--loss", choices=["ce", "mix"], default="mix", help="CE on y~ (Eq. 5) or CE + C&W margin (Eq. 6, Tables 3-4)")
     a("--steps", type=int, default=10, help="PGD steps in training (Sec. 5: 10)")
     a("--alpha", type=float, default=0.25, help="PGD step as a fraction of each sample's radius; the paper gives none: "
       "0.25 x 10 steps = 2.5 radii (Madry et al.'s rule), 2/255 at radius 8/255")
-    a("--fixed-eps", action="store_true", help="every sample at eps_max, no eps adaptation (Table 6 'Adv train', 'Adv+LS')")
-    a("--lr", type=float, default=None, help="SGD learning rate (Sec. 5: 0.1 for WRN, 0.01 for VGG-16; default by --arch)")
+    a("--fixed-eps", action="store_true", help="every sample at eps_max, no eps adaptation "
+      "(Table 6 'Adv train', 'Adv+LS')")
+    a("--lr", type=float, default=None, help="SGD learning rate (Sec. 5: 0.1 for WRN, 0.01 for VGG-16; "
+      "default by --arch)")
     a("--momentum", type=float, default=0.9, help="SGD momentum (Sec. 5: 0.9)")
     a("--wd", type=float, default=5e-4, help="weight decay (Sec. 5: 5e-4)")
     a("--epochs", type=int, default=PAPER_EPOCHS, help="epochs (Sec. 5: 200; lr x0.1 at 80/140/180, scaled to --epochs)")
@@ -145,7 +148,7 @@ def get_args(argv=None):
     if args.eta < 0 or args.eps_max <= 0 or args.beta <= 0 or args.c < 0 or args.steps < 1:
         p.error("need eta >= 0, eps-max > 0, beta > 0, c >= 0, steps >= 1")
     if args.c * args.eps_max > 1:
-        p.error(f"c * eps-max = {args.c * args.eps_max:.3g} > 1: the smoothed label of Eq. (4) would have negative mass")
+        p.error(f"c * eps-max = {args.c * args.eps_max:.3g} > 1: Eq. (4)'s label would have negative mass")
     if args.lr is None:
         args.lr = 0.01 if args.arch == "vgg16" else 0.1
     return args
@@ -157,7 +160,8 @@ def main(argv=None):
     train, val, test = get_data(args)
     model = get_model(args.arch, args.num_classes, args.in_channels, args.image_size).to(args.device)
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
-    milestones = [round(m * args.epochs / PAPER_EPOCHS) for m in PAPER_MILESTONES]
+    # Scaled to --epochs; never 0, where MultiStepLR would decay before the first epoch.
+    milestones = [max(1, round(m * args.epochs / PAPER_EPOCHS)) for m in PAPER_MILESTONES]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1)
     eps_table = torch.zeros(len(train), device=args.device)  # Sec. 3.1: every eps_i starts at 0
     net, autocast, scaler = wrap(model, args, world)
