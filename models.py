@@ -70,26 +70,9 @@ class PreActResNet18(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-class WideBlock(nn.Module):
-    def __init__(self, in_planes, planes, stride):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.shortcut = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return out + shortcut
-
-
 class WideResNet(nn.Module):
-    """WRN-depth-widen (Zagoruyko & Komodakis 2016) as used by Madry et al. and TRADES."""
+    """WRN-depth-widen (Zagoruyko & Komodakis 2016) as used by Madry et al. and TRADES; with
+    dropout 0 its block is the pre-activation block."""
 
     def __init__(self, depth=34, widen_factor=10, num_classes=10, in_channels=3):
         super().__init__()
@@ -99,7 +82,7 @@ class WideResNet(nn.Module):
         layers, in_planes = [], widths[0]
         for planes, stride in [(widths[1], 1), (widths[2], 2), (widths[3], 2)]:
             for i in range(n):
-                layers.append(WideBlock(in_planes, planes, stride if i == 0 else 1))
+                layers.append(PreActBlock(in_planes, planes, stride if i == 0 else 1))
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
         self.bn = nn.BatchNorm2d(in_planes)
