@@ -1078,6 +1078,7 @@ def test_bad_inputs_one_line_errors(tmp_path):
         assert proc.returncode != 0, expect
         assert expect in proc.stderr and "Traceback" not in proc.stderr, (expect, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not proc.stderr.strip().endswith(":"), proc.stderr  # the reason, not a dangling header
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):

@@ -344,8 +344,9 @@ def get_data(args):
     try:
         train, test = build(True, aug if cifar_like else plain), build(False, plain)
         train_plain = build(True, plain) if cifar_like and args.val_size else train
-    except (RuntimeError, OSError) as e:
-        sys.exit(f"error: cannot load {args.dataset} from {root}: {str(e).splitlines()[0]}")
+    except (RuntimeError, OSError) as e:  # torchvision's download error spans lines; the last says why
+        why = (str(e).strip().splitlines() or [repr(e)])[-1]
+        sys.exit(f"error: cannot load {args.dataset} from {root}: {why}")
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_train = args.train_size or len(train) - args.val_size
     if args.val_size + n_train > len(train):
