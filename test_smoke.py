@@ -991,10 +991,12 @@ def final_state(out):
 
 def assert_same_run(a, b):
     (ck_a, log_a), (ck_b, log_b) = final_state(a), final_state(b)
-    assert ck_a["epoch"] == ck_b["epoch"]
-    for k in ck_a["model"]:
-        assert torch.equal(ck_a["model"][k], ck_b["model"][k]), k
-    assert torch.equal(ck_a["eps"], ck_b["eps"])
+    assert ck_a["epoch"] == ck_b["epoch"] and ck_a.keys() == ck_b.keys()
+    for net in ("model", "mask_net"):  # the mask net: calibrated only
+        for k in ck_a.get(net, {}):
+            assert torch.equal(ck_a[net][k], ck_b[net][k]), (net, k)
+    if "eps" in ck_a:  # the eps table: customized only
+        assert torch.equal(ck_a["eps"], ck_b["eps"])
     assert log_a == log_b
 
 
@@ -1031,6 +1033,16 @@ def test_sigint_saves_midepoch_and_resume_is_exact(tmp_path):
     assert code != 0 and "interrupted at epoch" in err
     ck = torch.load(tmp_path / "stopped" / "model.pt", weights_only=True)
     assert ck["batch"] > 0  # a mid-epoch checkpoint
+    run_cli(*args, "--out", str(tmp_path / "stopped"), "--resume")
+    assert_same_run(tmp_path / "straight", tmp_path / "stopped")
+
+
+def test_calibrated_sigint_and_resume_restores_both_nets(tmp_path):
+    args = [*CAL, "--epochs", "3", "--train-size", "512", "--batch-size", "16"]
+    run_cli(*args, "--out", str(tmp_path / "straight"))
+    code, err = start_and_stop(args, str(tmp_path / "stopped"), signal.SIGINT, after_lines=1)
+    assert code != 0 and "interrupted at epoch" in err
+    assert torch.load(tmp_path / "stopped" / "model.pt", weights_only=True)["epoch"] < 3
     run_cli(*args, "--out", str(tmp_path / "stopped"), "--resume")
     assert_same_run(tmp_path / "straight", tmp_path / "stopped")
 
