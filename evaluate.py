@@ -102,6 +102,31 @@ def load_model(path):
     return model.eval(), ck
 
 
+class FastForward(torch.nn.Module):
+    """--amp / --channels-last: the same model, its forward under bf16 autocast and/or in NHWC
+    layout. Logits come back in fp32, so each attack's loss, input gradient and sign step stay fp32
+    (fp16 is not offered: without loss scaling its input gradients underflow, and the attacks weaken)."""
+
+    def __init__(self, model, amp, channels_last):
+        super().__init__()
+        self.model, self.amp, self.channels_last = model, amp, channels_last
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.amp):
+            return self.model(x).float()
+
+
+def accelerate(model, args):
+    """The model as the attacks see it: unchanged by default; --amp, --channels-last, --compile."""
+    if args.amp or args.channels_last:
+        model = FastForward(model, args.amp, args.channels_last).eval()
+    return torch.compile(model, dynamic=True) if args.compile else model  # batches shrink: dynamic
+
+
 def load_test_set(ck, data_dir):
     """The test split the training scripts evaluate on, ToTensor only (models take [0, 1])."""
     train_args, name, V, to_tensor = ck.get("args") or {}, ck["dataset"], torchvision.datasets, T.ToTensor()
@@ -175,8 +200,9 @@ def survives(spec, source, model, x, y, seed):
         x_adv = attacks.fgsm(source, x, y, spec["eps"])
     elif kind == "square":
         x_adv = attacks.square(source, x, y, spec["eps"], spec["n_queries"], spec["p_init"], seed)
-    elif kind == "deepfool":
-        x_adv = attacks.deepfool(source, x, y, spec["steps"], spec["overshoot"])
+    elif kind == "deepfool":  # one backward per class (retain_graph): the eager model, as
+        # --compile's backward graphs free their buffers after one backward
+        x_adv = attacks.deepfool(getattr(source, "_orig_mod", source), x, y, spec["steps"], spec["overshoot"])
         if source is model:  # Table 3: robust if the minimal perturbation exceeds eps, or none flips it
             with torch.no_grad():
                 return (model(x_adv).argmax(1) == y) | ((x_adv - x).flatten(1).abs().amax(1) > spec["eps"])
@@ -196,7 +222,9 @@ def run_attack(spec, source, model, data, points, args):
     progress = lambda: print(f"{spec['name']:>10}: {sum(map(len, out))}/{len(points)} points, "
                              f"{sum(map(len, out)) / max(time.time() - t0, 1e-9):.1f} images/s",
                              file=sys.stderr, flush=True)
-    for b, (x, y) in enumerate(DataLoader(Subset(data, points.tolist()), args.batch_size)):
+    loader = DataLoader(Subset(data, points.tolist()), args.batch_size, num_workers=args.workers,
+                        pin_memory=args.device == "cuda")
+    for b, (x, y) in enumerate(loader):
         out.append(survives(spec, source, model, x.to(args.device), y.to(args.device), args.seed + b).cpu())
         if time.time() - last > 30:  # a long attack is not silent
             progress()
@@ -262,6 +290,7 @@ def print_table(label, report):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (see --help)\n")  # one line, no usage dump
     a = p.add_argument
     a("--ckpt", required=True, help="model.pt of train_customized.py or train_calibrated.py")
     a("--protocol", choices=["calibrated", "customized"], default=None, help="default: the checkpoint's method")
@@ -279,6 +308,10 @@ def get_args(argv=None):
     a("--data-dir", default=None, help="dataset root (default: the checkpoint's data_dir, else ./data)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--seed", type=int, default=0, help="seeds the random starts and Square")
+    a("--workers", type=int, default=0, help="DataLoader worker processes (pinned memory on CUDA)")
+    a("--amp", action="store_true", help="CUDA: the forward in bf16 autocast; the attacks' gradients stay fp32")
+    a("--channels-last", action="store_true", help="NHWC memory format (CUDA tensor cores)")
+    a("--compile", action="store_true", help="torch.compile the model the attacks query")
     a("--out", default=None, help="JSON results (default: CKPT_eval_PROTOCOL.json next to the checkpoint)")
     args = p.parse_args(argv)
     for k in ("steps", "restarts", "square_queries", "n_examples", "batch_size"):
@@ -286,9 +319,13 @@ def get_args(argv=None):
             p.error(f"--{k.replace('_', '-')} must be >= 1")
     if args.eps is not None and args.eps <= 0:
         p.error("--eps must be > 0")
+    if args.workers < 0:
+        p.error("--workers must be >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: no CUDA device is available")
+        p.error("--device cuda: no CUDA device is available")
     args.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    if args.amp and args.device != "cuda":
+        p.error("--amp needs CUDA (bf16 autocast on the CPU is ~17x slower than fp32)")
     return args
 
 
@@ -307,9 +344,8 @@ def main(argv=None):
     data = load_test_set(ck, args.data_dir or (ck.get("args") or {}).get("data_dir") or "./data")
     data = Subset(data, range(min(args.n_examples or len(data), len(data))))
     specs, sanity = protocol_attacks(args, ck["in_channels"] == 1)
-    model.to(args.device)
-    if source is not None:
-        source.to(args.device)
+    model = accelerate(model.to(args.device), args)
+    source = accelerate(source.to(args.device), args) if source is not None else None
     natural, robust, results, sanity = evaluate(model, data, specs, sanity, args, source)
     describe = lambda path, c: {"path": os.path.abspath(path), "sha256": sha256(path), "arch": c["arch"],
                                 "dataset": c["dataset"], "method": c.get("method"), "epoch": c.get("epoch"),
@@ -318,6 +354,7 @@ def main(argv=None):
               "transfer_from": describe(args.transfer_from, source_ck) if source_ck else None,
               "protocol": args.protocol, "attack_all": args.attack_all, "n_examples": len(data),
               "seed": args.seed, "device": args.device, "batch_size": args.batch_size, "torch": torch.__version__,
+              "amp": "bf16" if args.amp else None, "channels_last": args.channels_last, "compile": args.compile,
               "natural": natural.float().mean().item(), "attacks": results,
               "any_attack": robust.float().mean().item(), "sanity": sanity,
               # transfer examples say nothing about the target's gradients: only the sanity check

@@ -896,6 +896,23 @@ def test_eval_deterministic_for_a_fixed_seed(eval_toy):
     assert torch.equal(a[1], b[1]) and [r["accuracy"] for r in a[2]] == [r["accuracy"] for r in b[2]]
 
 
+def test_eval_speed_flags_give_the_same_numbers(eval_toy, capsys):
+    """--channels-last, --workers and --compile (issue 8) change how, not what: every attack,
+    deepfool on the eager model included, breaks the same points."""
+    model, data = eval_toy
+    names = ("--attacks", "pgd100,cw100,deepfool", "--steps", "5")
+    plain = eval_run(model, data, eval_args(*names, protocol="customized"))
+    args = eval_args(*names, "--channels-last", "--workers", "1", "--compile", protocol="customized")
+    fast = eval_run(evaluate.accelerate(model, args), data, args)
+    assert torch.equal(plain[0], fast[0]) and torch.equal(plain[1], fast[1])
+    assert [r["newly_broken"] for r in plain[2]] == [r["newly_broken"] for r in fast[2]]
+    assert 0 < plain[1].float().mean() < plain[0].float().mean()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # and --amp, CUDA only, is one line on the CPU
+        evaluate.get_args(["--ckpt", "x", "--amp", "--device", "cpu"])
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
 def test_eval_flags_planted_gradient_masking(eval_toy):
     model, data = eval_toy
     args = eval_args("--square-queries", "100")
