@@ -51,6 +51,7 @@ def pgd(model, x, y, eps, alpha, steps, loss="ce", random_start=True, restarts=1
     loss: "ce", "cw" (the C&W-inf objective min(margin, kappa): a point stops being pushed once it
     is misclassified by kappa; the default inf is the plain margin, the papers use kappa = 50) or
     a callable (logits, y) -> per-sample loss, e.g. a soft-label CE closing over its targets.
+    random_start: True (uniform in the ball), False, or a float s (Gaussian, std s).
     With restarts > 1, each sample keeps the first restart that fools the model (prediction != y),
     else the last. The model's mode is the caller's choice.
     """
@@ -60,8 +61,10 @@ def pgd(model, x, y, eps, alpha, steps, loss="ce", random_start=True, restarts=1
     best, done = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for _ in range(restarts):
         x_adv = x.clone()
-        if random_start:
+        if random_start is True:  # uniform in the ball (Madry et al.)
             x_adv = _project(x + (torch.rand_like(x) * 2 - 1) * eps, x, eps, clip)
+        elif random_start:  # a float s: x + s N(0, 1) (TRADES starts at s = 0.001)
+            x_adv = _project(x + random_start * torch.randn_like(x), x, eps, clip)
         for _ in range(steps):
             x_adv.requires_grad_(True)
             # Sum, not mean: the sign step is per sample, and a sum keeps each sample's gradient

@@ -3,16 +3,30 @@ every script end to end through its CLI on tiny fake data, and checkpoint round 
 
 Run: python -m pytest -q test_smoke.py
 """
+import contextlib
+import copy
+import hashlib
 import json
+import math
 import os
+import pickle
+import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image  # torchvision's image backend
 
 import attacks
+import evaluate
 import models
+import train_calibrated as calibrated
+import train_customized as customized
 
 torch.set_num_threads(1)  # CI has 2 cores; subprocesses below get the other
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,9 +44,7 @@ def run_cli(*args, check=True, env=None, timeout=600):
 
 # ---------------------------------------------------------------- models.py and attacks.py
 
-import copy  # noqa: E402  (this section's imports)
 
-import torch.nn.functional as F  # noqa: E402
 
 
 @pytest.mark.parametrize("arch,in_channels,size", [
@@ -430,7 +442,6 @@ def test_square_deterministic_for_fixed_seed(atk_toy):
 
 
 # ---------------------------------------------------------------- train_customized.py
-import train_customized as customized  # noqa: E402  (importable: nothing runs at import)
 
 FAKE = ["--dataset", "fake-mnist", "--arch", "smallcnn", "--train-size", "128", "--test-size", "32",
         "--eval-size", "32", "--batch-size", "32"]
@@ -473,7 +484,6 @@ def test_customized_mixed_loss_eq6():
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, -1.0], [-5.0, -7.0, -6.0]])
     y = torch.tensor([0, 0, 1])
     y_soft = torch.tensor([[0.8, 0.1, 0.1], [1.0, 0.0, 0.0], [0.2, 0.6, 0.2]])
-    import math
     lse = [math.log(math.exp(2) + math.exp(1) + 1), math.log(1 + math.exp(3) + math.exp(-1)),
            math.log(math.exp(-5) + math.exp(-7) + math.exp(-6))]
     ce = [lse[0] - (0.8 * 2 + 0.1 * 1), lse[1] - 0.0, lse[2] - (0.2 * -5 + 0.6 * -7 + 0.2 * -6)]
@@ -504,7 +514,6 @@ def test_customized_cli_end_to_end(tmp_path):
     with open(os.path.join(out, "eps_hist.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # The reloaded weights give the clean test accuracy the run logged with its final model.
-    import torchvision
     model = models.get_model("smallcnn", 10, 1, 28)
     model.load_state_dict(ck["model"])
     model.eval()
@@ -527,17 +536,28 @@ def test_customized_rejects_invalid_args(bad, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_customized_table6_readme_commands_use_the_papers_losses():
+    # Table 6: Adv train, Adv+LS and Adp-Adv (IAAT) are CE methods; its CAT row is Table 3's mixed loss.
+    with open(os.path.join(HERE, "README.md")) as f:
+        rows = {line.split("# Table 6: ")[1].split(" (")[0].strip(): line.split("train_customized.py")[1].split("#")[0].split()
+                for line in f if "train_customized.py" in line and "# Table 6: " in line}
+    got = {name: (a.fixed_eps, a.c, a.loss, a.arch) for name, a in
+           ((name, customized.get_args(argv)) for name, argv in rows.items())}
+    assert got == {"Adv train": (True, 0, "ce", "vgg16"), "Adv+LS": (True, 10, "ce", "vgg16"),
+                   "Adp-Adv": (False, 0, "ce", "vgg16"), "CAT": (False, 10, "mix", "vgg16")}
+
+
+def test_trainer_boilerplate_is_byte_identical():
+    # diff <(sed -n '/shared boilerplate/,$p' train_customized.py) <(... train_calibrated.py) is empty
+    tails = []
+    for script in ("train_customized.py", "train_calibrated.py"):
+        with open(os.path.join(HERE, script)) as f:
+            text = f.read()
+        tails.append(text[text.rindex("\n", 0, text.index("shared boilerplate")):])
+    assert tails[0] == tails[1] and len(tails[0].splitlines()) > 100
+
 
 # ---------------------------------------------------------------- train_calibrated.py
-import contextlib  # noqa: E402  (this section's imports)
-import copy  # noqa: E402
-import math  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402  (torchvision's image backend)
-
-import train_calibrated as calibrated  # noqa: E402  (importable: nothing runs at import)
 
 CAL = ["train_calibrated.py", "--dataset", "fake-mnist", "--train-size", "32", "--test-size", "32",
        "--eval-size", "32", "--batch-size", "32", "--epochs", "2", "--steps", "2"]
@@ -601,11 +621,14 @@ def test_calibrated_example_in_ball_and_box(attack):
     x[:, :, :7], x[:, :, 7:14] = 0.0, 1.0                                 # pixels on the box's faces
     torch.manual_seed(1)
     delta = calibrated.attack(f, x, y, args)
-    assert not delta.requires_grad and delta.abs().amax() > 0.1
+    # uniform starts reach the ball's edge; TRADES' 0.001 N(0, 1) start leaves 3 steps of 0.015 and its noise
+    assert not delta.requires_grad
+    assert delta.abs().amax() < 0.05 if attack == "kl" else delta.abs().amax() > 0.1
     p_nat = F.softmax(f(x), 1).detach()                                  # TRADES: KL(P(.|x) || P(.|x'))
     phi = {"pgd": "ce", "cw": "cw", "kl": lambda z, t: (p_nat * (p_nat.log() - F.log_softmax(z, 1))).sum(1)}
-    torch.manual_seed(1)
-    ref = attacks.pgd(f, x, y, 0.3, 0.015, 3, loss=phi[attack], random_start=True, kappa=50) - x
+    torch.manual_seed(1)  # TRADES starts at x + 0.001 N(0, 1), the others uniformly in the ball
+    ref = attacks.pgd(f, x, y, 0.3, 0.015, 3, loss=phi[attack], random_start=0.001 if attack == "kl" else True,
+                      kappa=150) - x
     assert (delta - ref).abs().le(1e-6).float().mean() > 0.99             # Eq. (9) with the chosen phi
     with torch.no_grad():
         mask = g(x, delta)
@@ -641,7 +664,7 @@ def test_calibrated_update_order(monkeypatch):
 
     spy(opt_f, "f")
     spy(opt_g, "g")
-    out = calibrated.train_step(f, g, calibrated.NatAndCali(f), g, opt_f, opt_g,
+    out = calibrated.train_step(f, g, f, g, opt_f, opt_g,
                                 torch.amp.GradScaler("cpu", enabled=False), contextlib.nullcontext, x, y, args)
     assert [s[0] for s in seen] == ["f", "f done", "g", "g done"]
     (_, f_at_f, g_at_f, f_grads, g_grads, f_train), (_, f_after_f, g_after_f) = seen[0], seen[1]
@@ -658,8 +681,12 @@ def test_calibrated_update_order(monkeypatch):
         eq13 = calibrated.calibrated_loss(f0(x), f0(x_cali), y, 2.0)
         eq14 = calibrated.mask_loss(f(x_cali), f(x + delta), y, 0.5)
         eq14_stale = calibrated.mask_loss(f0(x_cali), f0(x + delta), y, 0.5)
-    assert out["loss"].item() / 8 == pytest.approx(eq13.item(), rel=1e-5)
-    assert out["mask_loss"].item() / 8 == pytest.approx(eq14.item(), rel=1e-5)
+    assert out["train_loss"].item() / 8 == pytest.approx(eq13.item(), rel=1e-5)
+    assert out["train_mask_loss"].item() / 8 == pytest.approx(eq14.item(), rel=1e-5)
+    m = g0(x, delta).flatten()                                              # M's logged mean and quantiles
+    assert out["train_mask_mean"].item() / 8 == pytest.approx(m.mean().item(), rel=1e-5)
+    assert out["train_mask_q05"].item() / 8 == pytest.approx(torch.quantile(m, 0.05).item(), abs=1e-4)
+    assert out["train_mask_q95"].item() / 8 == pytest.approx(torch.quantile(m, 0.95).item(), abs=1e-4)
     assert abs(eq14.item() - eq14_stale.item()) > 1e-4                    # the check can tell
 
 
@@ -682,7 +709,7 @@ def test_calibrated_cli_flags_end_to_end(calibrated_runs, name):
     assert [r["epoch"] for r in log] == [1, 2]
     keys = {"epoch", "lr", "train_loss", "train_nat_acc", "train_adv_acc", "train_cali_acc", "train_clean_acc",
             "train_pgd_acc", "test_clean_acc", "test_pgd_acc", "seconds", "images_per_s"}
-    mask_keys = {"train_mask_loss", "train_mask_mean", "mask_lr"}
+    mask_keys = {"train_mask_loss", "train_mask_mean", "train_mask_q05", "train_mask_q95", "mask_lr"}
     assert set(log[-1]) == keys | (mask_keys if masked else set())
     assert all(math.isfinite(v) for r in log for v in r.values())
     ck = torch.load(os.path.join(out, "model.pt"), weights_only=True)
@@ -692,7 +719,8 @@ def test_calibrated_cli_flags_end_to_end(calibrated_runs, name):
     assert ("mask_net" in ck) == masked and os.path.exists(os.path.join(out, "masks.png")) == masked
     if masked:
         assert ck["args"]["mask_arch"] == "small" and ck["mask_scheduler"]["last_epoch"] == 2
-        assert all(0 < r["train_mask_mean"] < 1 and r["train_mask_loss"] > 0 for r in log)
+        assert all(0 < r["train_mask_q05"] <= r["train_mask_mean"] <= r["train_mask_q95"] < 1 for r in log)
+        assert all(r["train_mask_loss"] > 0 for r in log)
     else:  # x_cali = x': the calibrated and adversarial predictions are one
         assert ck["args"]["mask_arch"] is None
         assert all(r["train_cali_acc"] == r["train_adv_acc"] for r in log)
@@ -720,8 +748,7 @@ def test_calibrated_checkpoint_reload(calibrated_runs, tmp_path):
     x, y = torch.stack([test[i][0] for i in range(32)]), torch.tensor([test[i][1] for i in range(32)])
     with torch.no_grad():
         assert (f(x).argmax(1) == y).float().mean().item() == pytest.approx(log[-1]["test_clean_acc"])
-    # masks.png was drawn right after the last checkpoint: same RNG state + reloaded nets = same image
-    torch.set_rng_state(ck["rng"]["torch"])
+    # masks.png is a function of the checkpoint (its attack is seeded by --seed): the reloaded nets redraw it
     calibrated.write_masks_png(f, g, test, args)
     read = lambda d: torch.tensor(np.array(Image.open(os.path.join(d, "masks.png")))).int()
     img, again = read(out), read(str(tmp_path))
@@ -740,28 +767,66 @@ def test_calibrated_presets_and_arg_errors(capsys, tmp_path):
         ("cifar10", "preact_resnet18", "resnet18", "sgd", 128, 140)
     assert (a.beta, a.beta1, a.eps, a.alpha, a.steps, a.kappa, a.lr, a.momentum, a.wd) == \
         (5, 0.1, 8 / 255, 2 / 255, 10, 50, 0.1, 0.9, 5e-4)
+    assert (a.mask_optimizer, a.mask_lr) == ("sgd", 0.1)                     # the CIFAR release: g as f
     for ds in ("mnist", "fake-mnist"):
         a = calibrated.get_args(["--dataset", ds])
         assert (a.arch, a.mask_arch, a.optimizer, a.lr, a.wd, a.batch_size, a.epochs) == \
             ("smallcnn", "small", "adam", 1e-3, 0, 100, 40)
         assert (a.beta, a.beta1, a.eps, a.alpha, a.steps) == (1, 0.3, 0.3, pytest.approx(0.015), 20)
+        assert a.kappa == 150                                                # the MNIST release's CAT_cw
+        assert (a.mask_optimizer, a.mask_lr) == ("sgd", 0.01)                # not the release's Adam: README
     a = calibrated.get_args(["--dataset", "mnist", "--eps", "0.4", "--beta", "2"])
     assert (a.alpha, a.beta) == (pytest.approx(0.02), 2)                      # alpha = eps / 20
     assert calibrated.get_args(["--eps", "12/255"]).eps == 12 / 255           # Fig. 3
     assert calibrated.get_args(["--no-mask"]).mask_arch is None
     for bad in (["--beta", "-1"], ["--beta1", "-0.1"], ["--eps", "0"], ["--eps", "8/0"], ["--alpha", "0.5"],
                 ["--alpha", "0"], ["--steps", "0"], ["--kappa", "-1"], ["--lr", "0"], ["--attack", "fgsm"],
-                ["--mask-arch", "unet"], ["--no-mask", "--mask-arch", "small"], ["--arch", "resnet9000"]):
+                ["--mask-arch", "unet"], ["--mask-lr", "0"], ["--arch", "resnet9000"]):
         with pytest.raises(SystemExit) as e:
             calibrated.get_args(["--dataset", "fake-mnist", *bad])
         err = capsys.readouterr().err
         assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "error" in err, bad
     proc = run_cli(*CAL, "--beta", "-1", "--out", str(tmp_path / "x"), check=False)
     assert proc.returncode == 2 and "error" in proc.stderr and not (tmp_path / "x").exists()
+    assert calibrated.get_args(["--no-mask"]).mask_arch is None
+
+
+def test_calibrated_help_shows_the_active_preset_and_names_both(capsys):
+    for argv, beta, kappa in (([], "5.0", "50.0"), (["--dataset", "mnist"], "1.0", "150.0")):
+        with pytest.raises(SystemExit):
+            calibrated.get_args([*argv, "--help"])
+        text = " ".join(capsys.readouterr().out.split())                     # argparse wraps lines
+        assert f"5 on CIFAR-10, 1 on MNIST) (default: {beta})" in text
+        assert f"150 on MNIST) (default: {kappa})" in text
+
+
+@pytest.mark.parametrize("arch,expect", [("preact_resnet18", [100, 120]), ("wrn34_10", [100, 110])])
+def test_calibrated_lr_milestones_of_the_release(arch, expect):
+    a = calibrated.get_args(["--arch", arch])
+    assert calibrated.milestones(a, *calibrated.PAPER_SCHEDULE["wrn34_10" if arch == "wrn34_10" else "cifar"]) \
+        == expect
+    a = calibrated.get_args(["--arch", arch, "--epochs", "14", "--milestones", "3,5"])
+    assert calibrated.milestones(a, 140, (100, 120)) == [3, 5]               # --milestones wins
+    assert calibrated.milestones(calibrated.get_args(["--dataset", "mnist", "--epochs", "4"]), 40, (30,)) == [3]
+
+
+def test_calibrated_warns_when_the_mask_collapses(tmp_path):
+    # An Adam step of 0.5 on g with a large beta1 drives M to 0 within the first batches (the MNIST
+    # release's failure, sped up): every epoch's mean leaves (0.02, 0.98) and each says so in one line.
+    out = str(tmp_path / "run")
+    proc = run_cli(*CAL, "--mask-optimizer", "adam", "--mask-lr", "0.5", "--beta1", "50", "--train-size", "96",
+                   "--out", out)
+    log = read_log(out)
+    assert log[0]["train_mask_mean"] < 0.4 and log[1]["train_mask_q95"] < 0.02, log  # from 0.5 at init
+    warnings = [l for l in proc.stderr.splitlines() if l.startswith("warning:")]
+    assert len(warnings) == sum(r["train_mask_mean"] <= 0.02 for r in log) >= 1, (warnings, log)
+    assert "epoch 2: mean mask 0.0" in warnings[-1] and "natural training" in warnings[-1]
+    quiet = run_cli(*CAL, "--out", str(tmp_path / "quiet"))                  # the default keeps M alive
+    assert "warning" not in quiet.stderr and all(0.02 < r["train_mask_mean"] < 0.98 for r in read_log(
+        str(tmp_path / "quiet")))
 
 
 # ---------------------------------------------------------------- evaluate.py
-import evaluate  # noqa: E402  (importable: nothing runs at import)
 
 EVAL_QUICK = ["--steps", "2", "--square-queries", "10", "--n-examples", "32", "--batch-size", "16"]
 
@@ -836,7 +901,6 @@ def test_eval_cli_on_trained_checkpoint(script, protocol, tmp_path):
     names = {"customized": ["pgd100", "cw100", "deepfool"], "calibrated": ["pgd20", "pgd100", "cw", "fgsm", "square"]}
     assert rep["protocol"] == protocol  # the default is the checkpoint's method
     assert [r["name"] for r in rep["attacks"]] == names[protocol]
-    import hashlib
     with open(ck_path, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
     ck = torch.load(ck_path, weights_only=True)
@@ -849,7 +913,6 @@ def test_eval_cli_on_trained_checkpoint(script, protocol, tmp_path):
     assert set(rep["flags"]) == {"square_below_whitebox", "fgsm_below_pgd", "more_steps_no_gain", "large_eps_not_zero"}
     assert rep["sanity"]["settings"]["eps"] == 0.5 and rep["transfer_from"] is None
     # Natural accuracy: an independent computation on the test set the trainers build.
-    import torchvision
     model = models.get_model("smallcnn", 10, 1, 28)
     model.load_state_dict(ck["model"])
     test = torchvision.datasets.FakeData(64, (1, 28, 28), 10, torchvision.transforms.ToTensor(),
@@ -997,8 +1060,6 @@ def test_eval_main_in_process_eval_mode_and_autoattack_message(tmp_path, capsys)
 
 
 # ---------------------------------------------------------------- resume, errors, determinism
-import signal  # noqa: E402
-import time  # noqa: E402
 
 
 def final_state(out):
@@ -1043,25 +1104,16 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     assert_same_run(tmp_path / "straight", tmp_path / "killed")
 
 
-def test_sigint_saves_midepoch_and_resume_is_exact(tmp_path):
-    args = [*CUSTOM, "--epochs", "3", "--train-size", "512", "--batch-size", "16"]
+def test_calibrated_resume_after_sigkill_restores_both_nets(tmp_path):
+    # Bit-identical only if f, g_phi, both optimizers and both schedulers come back, and each
+    # epoch's randomness is a function of (seed, epoch) alone.
+    args = [*CAL, "--epochs", "3", "--train-size", "256"]
     run_cli(*args, "--out", str(tmp_path / "straight"))
-    code, err = start_and_stop(args, str(tmp_path / "stopped"), signal.SIGINT, after_lines=1)
-    assert code != 0 and "interrupted at epoch" in err
-    ck = torch.load(tmp_path / "stopped" / "model.pt", weights_only=True)
-    assert ck["batch"] > 0  # a mid-epoch checkpoint
-    run_cli(*args, "--out", str(tmp_path / "stopped"), "--resume")
-    assert_same_run(tmp_path / "straight", tmp_path / "stopped")
-
-
-def test_calibrated_sigint_and_resume_restores_both_nets(tmp_path):
-    args = [*CAL, "--epochs", "3", "--train-size", "512", "--batch-size", "16"]
-    run_cli(*args, "--out", str(tmp_path / "straight"))
-    code, err = start_and_stop(args, str(tmp_path / "stopped"), signal.SIGINT, after_lines=1)
-    assert code != 0 and "interrupted at epoch" in err
-    assert torch.load(tmp_path / "stopped" / "model.pt", weights_only=True)["epoch"] < 3
-    run_cli(*args, "--out", str(tmp_path / "stopped"), "--resume")
-    assert_same_run(tmp_path / "straight", tmp_path / "stopped")
+    code, _ = start_and_stop(args, str(tmp_path / "killed"), signal.SIGKILL, after_lines=1)
+    assert code == -signal.SIGKILL
+    assert torch.load(tmp_path / "killed" / "model.pt", weights_only=True)["epoch"] < 3
+    run_cli(*args, "--out", str(tmp_path / "killed"), "--resume")
+    assert_same_run(tmp_path / "straight", tmp_path / "killed")
 
 
 def test_seed_determinism_and_seed_matters(tmp_path):
@@ -1079,7 +1131,6 @@ class Payload:
 
 @pytest.mark.parametrize("script", ["train_customized.py", "evaluate.py"])
 def test_pickle_with_code_is_refused_and_never_runs(script, tmp_path):
-    import pickle
     bad = tmp_path / "model.pt"
     with open(bad, "wb") as f:
         pickle.dump({"model": Payload()}, f)
@@ -1118,7 +1169,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
             "def poisoned(*a):\n"
             "    calls[0] += 1\n"
             "    out = step(*a)\n"
-            "    return {**out, 'loss': out['loss'] * float('nan')} if calls[0] >= 5 else out\n"
+            "    return {**out, 'train_loss': out['train_loss'] * float('nan')} if calls[0] >= 5 else out\n"
             "t.train_step = poisoned\n"
             "t.main(sys.argv[1:])\n")
     proc = run_cli("-c", code, *CUSTOM[1:], "--epochs", "3", "--out", out, check=False)
@@ -1158,7 +1209,7 @@ def test_torchrun_calibrated_two_ranks(tmp_path):
     torchrun("train_calibrated.py", *FAKE, "--steps", "2", "--batch-size", "16", "--epochs", "1", out=out)
     ck = torch.load(os.path.join(out, "model.pt"), weights_only=True)
     (rec,) = read_log(out)
-    assert ck["epoch"] == 1 and ck["batch"] == 0 and "mask_net" in ck and ck["n"] == 0
+    assert ck["epoch"] == 1 and "mask_net" in ck
     assert rec["epoch"] == 1 and 0 < rec["train_mask_mean"] < 1 and rec["images_per_s"] > 0
     assert sorted(os.listdir(out)) == ["log.jsonl", "masks.png", "model.pt"]
 

@@ -14,21 +14,18 @@ import argparse
 import json
 import os
 import pickle
-import random
-import signal
 import sys
 import time
 import warnings
+from collections import Counter
 from fractions import Fraction
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import transforms as T
 
@@ -36,29 +33,32 @@ import attacks
 from models import ARCHS, MASK_NETS, get_mask_net, get_model
 
 METHOD = "calibrated"
-# Sec. 5.1.1 and the authors' release (NOTES.md), for every flag left unset; fake-mnist = mnist.
+# Sec. 5.1.1 and the authors' release (NOTES.md): the defaults of every flag below that has one
+# per dataset; --dataset mnist or fake-mnist takes the MNIST column.
 PRESETS = {
-    "cifar": dict(beta=5.0, beta1=0.05, eps=8 / 255, alpha=2 / 255, steps=10, optimizer="sgd", lr=0.1,
-                  wd=5e-4, batch_size=128, epochs=140, arch="preact_resnet18", mask_arch="resnet18"),
-    "mnist": dict(beta=1.0, beta1=0.3, eps=0.3, alpha=None, steps=20, optimizer="adam", lr=1e-3,
-                  wd=0.0, batch_size=100, epochs=40, arch="smallcnn", mask_arch="small"),
+    "cifar": dict(beta=5.0, beta1=0.05, eps=8 / 255, alpha=2 / 255, steps=10, kappa=50.0, optimizer="sgd", lr=0.1,
+                  wd=5e-4, mask_optimizer="sgd", mask_lr=0.1, batch_size=128, epochs=140, arch="preact_resnet18",
+                  mask_arch="resnet18"),
+    "mnist": dict(beta=1.0, beta1=0.3, eps=0.3, alpha=None, steps=20, kappa=150.0, optimizer="adam", lr=1e-3,
+                  wd=0.0, mask_optimizer="sgd", mask_lr=0.01, batch_size=100, epochs=40, arch="smallcnn",
+                  mask_arch="small"),
 }
-PAPER_SCHEDULE = {"cifar": (140, (100, 120)), "mnist": (40, (30,))}  # (epochs, lr x0.1 milestones)
+# The release's (epochs, lr x0.1 milestones): CIFAR-10 PreActResNet-18, WRN-34-10, MNIST.
+PAPER_SCHEDULE = {"cifar": (140, (100, 120)), "wrn34_10": (140, (100, 110)), "mnist": (40, (30,))}
 
 
 # ------------------------------------------------------------------ the method (Sec. 4.4)
 
 def attack(model, x, y, args):
     """Eq. (9): delta = argmax_{||delta||_inf <= eps} phi(f(x + delta), y), by PGD with random start
-    (Sec. 5.1.1). phi: CE ("CAT_cent"), C&W-inf margin ("CAT_cw") or TRADES' KL (Sec. 5.2.3).
-    The caller puts f in eval mode. Returns delta, detached."""
-    loss = {"pgd": "ce", "cw": "cw"}.get(args.attack)
+    (Sec. 5.1.1). phi: CE ("CAT_cent"), C&W-inf margin ("CAT_cw") or TRADES' KL (Sec. 5.2.3), which
+    starts at x + 0.001 N(0, 1) as TRADES does. The caller puts f in eval mode. Returns delta, detached."""
+    loss, start = {"pgd": "ce", "cw": "cw"}.get(args.attack), True
     if args.attack == "kl":  # TRADES: KL(P(.|x) || P(.|x')) per sample, P(.|x) fixed
         with torch.no_grad():
             p_nat = F.softmax(model(x).float(), 1)
-        loss = lambda z, t: F.kl_div(F.log_softmax(z.float(), 1), p_nat, reduction="none").sum(1)
-    x_adv = attacks.pgd(model, x, y, args.eps, args.alpha, args.steps, loss=loss,
-                        random_start=True, kappa=args.kappa)
+        loss, start = lambda z, t: F.kl_div(F.log_softmax(z.float(), 1), p_nat, reduction="none").sum(1), 0.001
+    x_adv = attacks.pgd(model, x, y, args.eps, args.alpha, args.steps, loss=loss, random_start=start, kappa=args.kappa)
     return (x_adv - x).detach()
 
 
@@ -92,31 +92,11 @@ def mask_loss(logits_cali, logits_adv, y, beta1):
     return kl(logits_cali, logits_adv) + beta1 * F.cross_entropy(logits_cali, y)   # Eq. (14)
 
 
-class NatAndCali(nn.Module):
-    """f on x and on x_cali in one call, so that DDP sees one forward per backward. Two calls of
-    f, not one on the concatenation: BatchNorm keeps separate batch statistics, as in TRADES."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, x_cali):
-        return self.model(x), self.model(x_cali)
-
-
-def train_step(model, mask_net, f_pair, g_net, opt_f, opt_g, scaler, autocast, x, y, args):
-    """One batch of Sec. 4.4: attack -> step f on Eq. (13) -> step g_phi on Eq. (14) with the
-    updated f. `model`, `mask_net` are the bare networks; `f_pair`, `g_net` what the training
-    forwards run through (NatAndCali(model) and mask_net, or their DDP / compiled wrappers).
-    Passes for a batch, K = --steps:
-      attack   K forward+backward of f (input gradient only); +1 forward for --attack kl
-      g        1 forward; its graph serves g's step too (M depends on g alone, which f's step
-               leaves unchanged), so the mask is not recomputed
-      f step   2 forwards (x, x_cali), 1 backward
-      g step   2 forwards of the updated f (x' without graph, x_cali), 1 backward through f
-               (input gradient only) into g
-    f: K+4 forwards, K+2 backwards; g: 1 and 1. TRADES (--no-mask --no-weighted-ce --attack kl):
-    K+3 forwards, K+1 backwards of f, and no g."""
+def train_step(model, mask_net, f_net, g_net, opt_f, opt_g, scaler, autocast, x, y, args):
+    """One batch of Sec. 4.4: attack -> step f on Eq. (13) -> step g_phi on Eq. (14) against the
+    updated f. `f_net`, `g_net`: model and mask_net, or their DDP / compiled wrappers. Passes, with
+    K = --steps: f K+4 forwards and K+2 backwards, g 1 and 1 (its forward serves both steps: M
+    depends on g alone); TRADES (--no-mask --no-weighted-ce --attack kl): f K+3 and K+1."""
     model.eval()  # attack f as it is evaluated (BN running statistics), as TRADES does
     with autocast():
         delta = attack(model, x, y, args)                                  # Eq. (9)
@@ -124,43 +104,32 @@ def train_step(model, mask_net, f_pair, g_net, opt_f, opt_g, scaler, autocast, x
     # f's step; g frozen: its mask enters detached. --no-mask: M = 1, x_cali = x' (A2).
     x_cali = calibrate(x, delta, 1.0 if mask is None else mask.detach())   # Eq. (10)
     model.train()
-    with autocast():
-        logits_nat, logits_cali = (z.float() for z in f_pair(x, x_cali))
+    with autocast():  # two calls, not one on the concatenation: BN statistics apart, as TRADES
+        logits_nat, logits_cali = f_net(x).float(), f_net(x_cali).float()
     loss = calibrated_loss(logits_nat, logits_cali, y, args.beta, not args.no_weighted_ce)  # Eq. (13)
     opt_f.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt_f)
-    # Per-batch sums for run(). nat and cali accuracy: f as it steps (train mode); adv: the updated f
-    # on x' (eval mode), the same as cali under --no-mask.
-    out = {"loss": loss.detach() * len(y), "nat_correct": (logits_nat.argmax(1) == y).sum(),
-           "cali_correct": (logits_cali.argmax(1) == y).sum()}
-    if mask is None:
-        scaler.update()
-        return {**out, "adv_correct": out["cali_correct"]}
-    # g's step against the updated f, frozen: eval mode leaves its BN buffers alone and gives
-    # the predictions f is attacked and evaluated with (the release's mode is not recorded in
-    # NOTES.md); backward(inputs=...) accumulates gradients into g's parameters only.
-    model.eval()
-    with autocast():
-        with torch.no_grad():
-            logits_adv = model(x + delta).float()
-        logits_cali = model(calibrate(x, delta, mask)).float()
-    loss_g = mask_loss(logits_cali, logits_adv, y, args.beta1)                        # Eq. (14)
-    opt_g.zero_grad(set_to_none=True)
-    scaler.scale(loss_g).backward(inputs=list(mask_net.parameters()))
-    scaler.step(opt_g)
+    out = {"train_loss": loss.detach() * len(y), "train_nat_acc": (logits_nat.argmax(1) == y).sum(),
+           "train_cali_acc": (logits_cali.argmax(1) == y).sum()}  # f as it stepped (train mode)
+    if mask is None:  # x_cali = x': the adversarial accuracy is the calibrated one
+        out["train_adv_acc"] = out["train_cali_acc"]
+    else:  # g's step against the updated f, frozen: eval mode leaves its BN buffers alone, and
+        model.eval()  # backward(inputs=...) puts gradients into g's parameters only
+        with autocast():
+            with torch.no_grad():
+                logits_adv = model(x + delta).float()
+            logits_cali = model(calibrate(x, delta, mask)).float()
+        loss_g = mask_loss(logits_cali, logits_adv, y, args.beta1)                        # Eq. (14)
+        opt_g.zero_grad(set_to_none=True)
+        scaler.scale(loss_g).backward(inputs=list(mask_net.parameters()))
+        scaler.step(opt_g)
+        m = mask.detach().float().flatten()  # quantiles of M's entries; kthvalue has no size limit
+        q05, q95 = (m.kthvalue(max(1, round(q * len(m)))).values for q in (0.05, 0.95))
+        out.update(train_adv_acc=(logits_adv.argmax(1) == y).sum(), train_mask_loss=loss_g.detach() * len(y),
+                   train_mask_mean=m.mean() * len(y), train_mask_q05=q05 * len(y), train_mask_q95=q95 * len(y))
     scaler.update()
-    return {**out, "adv_correct": (logits_adv.argmax(1) == y).sum(), "mask_loss": loss_g.detach() * len(y),
-            "mask_mean": mask.detach().float().flatten(1).mean(1).sum()}
-
-
-def method_stats(mask_optimizer, mask_scheduler):
-    """Called once an epoch, right after run() steps f's scheduler: steps g's in lockstep."""
-    if mask_scheduler is None:
-        return {}
-    lr = mask_optimizer.param_groups[0]["lr"]
-    mask_scheduler.step()
-    return {"mask_lr": lr}
+    return out
 
 
 def write_masks_png(model, mask_net, test, args, n=8):
@@ -168,6 +137,7 @@ def write_masks_png(model, mask_net, test, args, n=8):
     under the training attack."""
     x, y, _ = next(iter(DataLoader(test, n)))
     x, y = x.to(args.device), y.to(args.device)
+    torch.manual_seed(args.seed)  # the picture is a function of the checkpoint
     model.eval()
     mask_net.eval()
     delta = attack(model, x, y, args)
@@ -178,46 +148,53 @@ def write_masks_png(model, mask_net, test, args, n=8):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Calibrated adversarial training (ACML 2021), Sec. 4.4.")
+    p = argparse.ArgumentParser(description="Calibrated adversarial training (ACML 2021), Sec. 4.4. Defaults "
+                                "shown are --dataset's preset (CIFAR-10 or MNIST); help names both.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--beta", type=float, help="weight of the KL term (Eq. 13; Sec. 5.1.1: 5 on CIFAR-10, 1 on MNIST)")
     a("--beta1", type=float, help="weight of CE(f(x_cali), y) in g_phi's loss (Eq. 14; Sec. 5.1.1: "
-      "0.05, 0.1 or 0.3 on CIFAR-10, default 0.05; 0.3 on MNIST)")
+      "0.05, 0.1 or 0.3 on CIFAR-10, 0.05 here; 0.3 on MNIST)")
     a("--attack", choices=["pgd", "cw", "kl"], default="cw", help="phi of Eq. (9): CE (CAT_cent), "
       "C&W-inf margin (CAT_cw, Sec. 4.4) or TRADES' KL (Sec. 5.2.3)")
     a("--eps", type=fraction, help="training attack radius (Sec. 5.1.1: 8/255 on CIFAR-10, 0.3 on MNIST)")
-    a("--alpha", type=fraction, help="training attack step (Sec. 5.1.1: 2/255 on CIFAR-10, eps/20 on MNIST)")
+    a("--alpha", type=fraction, help="training attack step (Sec. 5.1.1: 2/255 on CIFAR-10; eps/20 on MNIST, "
+      "shown as None)")
     a("--steps", type=int, help="training attack steps T (Sec. 5.1.1: 10 on CIFAR-10, 20 on MNIST)")
-    a("--kappa", type=float, default=50.0, help="C&W-inf confidence for --attack cw: the attack ascends "
-      "min(margin, kappa) (Sec. 5.1.1: 50)")
+    a("--kappa", type=float, help="C&W-inf confidence of --attack cw, which ascends min(margin, kappa) "
+      "(release: 50 on CIFAR-10, 150 on MNIST)")
     a("--no-mask", action="store_true", help="train on x' instead of x_cali, no g_phi (Sec. 5.2.3, A2)")
     a("--no-weighted-ce", action="store_true", help="plain CE on x in Eq. (13) (Sec. 5.2.3; with --no-mask, A1)")
-    a("--mask-arch", choices=MASK_NETS, help="g_phi (Sec. 5.1.1, App. C as released): small on MNIST, "
-      "resnet18 otherwise")
-    a("--optimizer", choices=["sgd", "adam"], help="for f and g_phi (App. C as released: SGD on CIFAR-10, "
-      "Adam on MNIST)")
-    a("--lr", type=float, help="learning rate of both nets (release: 0.1 with SGD, 1e-3 with Adam)")
-    a("--momentum", type=float, default=0.9, help="SGD momentum (release: 0.9)")
-    a("--wd", type=float, help="weight decay (release: 5e-4 with SGD; 0 with Adam, none stated)")
-    a("--epochs", type=int, help="epochs (release: 140 on CIFAR-10, lr x0.1 at 100 and 120; 40 on MNIST, "
-      "x0.1 at 30; milestones scaled to --epochs)")
+    a("--optimizer", choices=["sgd", "adam"], help="f's optimizer (release: SGD on CIFAR-10, Adam on MNIST)")
+    a("--lr", type=float, help="f's learning rate (release: 0.1 with SGD, 1e-3 with Adam)")
+    a("--mask-arch", choices=MASK_NETS, help="g_phi (App. C as released: resnet18 on CIFAR-10, small on MNIST)")
+    a("--mask-optimizer", choices=["sgd", "adam"], help="g_phi's optimizer (release: SGD on CIFAR-10, Adam on "
+      "MNIST, whose mask collapses to 0 in ten batches: SGD here, README)")
+    a("--mask-lr", type=float, help="g_phi's learning rate (release: 0.1 on CIFAR-10, Adam 1e-3 on MNIST; "
+      "0.01 here, README)")
+    a("--momentum", type=float, default=0.9, help="SGD momentum, both nets (release: 0.9)")
+    a("--wd", type=float, help="weight decay, both nets (release: 5e-4 with SGD on CIFAR-10; 0 on MNIST)")
+    a("--epochs", type=int, help="epochs (release: 140 on CIFAR-10, lr x0.1 at 100 and 120, WRN-34-10 at 100 "
+      "and 110; 40 on MNIST, x0.1 at 30)")
     a("--batch-size", type=int, help="batch size per process (release: 128 on CIFAR-10, 100 on MNIST)")
-    a("--arch", help=f"one of {', '.join(ARCHS)} (Sec. 5.1.1: preact_resnet18 or wrn34_10; MNIST: smallcnn)")
-    add_common_args(p)
-    args = p.parse_args(argv)
-    args.preset = "mnist" if args.dataset in ("mnist", "fake-mnist") else "cifar"
-    if args.no_mask and args.mask_arch:
-        p.error("--mask-arch: --no-mask trains no mask network")
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None and not (k == "mask_arch" and args.no_mask):
-            setattr(args, k, v)
-    if args.alpha is None:
-        args.alpha = args.eps / 20  # MNIST: alpha = eps / T with T = 20 (Sec. 5.1.1)
-    check_common_args(p, args)
+    a("--arch", choices=ARCHS, help="classifier f (Sec. 5.1.1: preact_resnet18 or wrn34_10; MNIST: smallcnn)")
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --dataset picks the defaults
+    pre.add_argument("--dataset", default="cifar10")
+    preset = "mnist" if pre.parse_known_args(argv)[0].dataset in ("mnist", "fake-mnist") else "cifar"
+    p.set_defaults(preset=preset, **PRESETS[preset])
+    args = parse_args(p, argv)
+    args.alpha = args.eps / 20 if args.alpha is None else args.alpha  # MNIST: alpha = eps / T (Sec. 5.1.1)
+    args.mask_arch = None if args.no_mask else args.mask_arch
     if min(args.beta, args.beta1, args.kappa, args.wd) < 0 or args.eps <= 0 or not 0 < args.alpha <= args.eps \
-            or args.steps < 1 or args.lr <= 0:
-        p.error("need beta, beta1, kappa, wd >= 0, eps > 0, 0 < alpha <= eps, steps >= 1, lr > 0")
+            or args.steps < 1 or min(args.lr, args.mask_lr) <= 0:
+        p.error("need beta, beta1, kappa, wd >= 0, eps > 0, 0 < alpha <= eps, steps >= 1, lr, mask-lr > 0")
     return args
+
+
+def make_optimizer(net, name, lr, schedule, args):
+    opt = torch.optim.Adam(net.parameters(), lr, weight_decay=args.wd) if name == "adam" \
+        else torch.optim.SGD(net.parameters(), lr, momentum=args.momentum, weight_decay=args.wd)
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, schedule)
 
 
 def main(argv=None):
@@ -225,27 +202,35 @@ def main(argv=None):
     world, rank = setup(args)
     train, val, test = get_data(args)
     model = get_model(args.arch, args.num_classes, args.in_channels, args.image_size).to(args.device)
-    mask_net = None if args.no_mask else get_mask_net(args.mask_arch, args.in_channels).to(args.device)
-    paper_epochs, paper_milestones = PAPER_SCHEDULE[args.preset]
-    milestones = [max(1, round(m * args.epochs / paper_epochs)) for m in paper_milestones]  # never 0
-
-    def optimizer_and_scheduler(net):  # the same optimizer and schedule for f and g_phi (release)
-        opt = torch.optim.Adam(net.parameters(), args.lr, weight_decay=args.wd) if args.optimizer == "adam" \
-            else torch.optim.SGD(net.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
-        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1)
-
-    optimizer, scheduler = optimizer_and_scheduler(model)
-    f_pair, autocast, scaler = wrap(NatAndCali(model), args, world)  # one GradScaler for both nets
-    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    mask_optimizer = mask_scheduler = g_net = None
-    if mask_net is not None:
-        mask_optimizer, mask_scheduler = optimizer_and_scheduler(mask_net)
+    schedule = milestones(args, *PAPER_SCHEDULE["wrn34_10" if args.arch == "wrn34_10" else args.preset])
+    optimizer, scheduler = make_optimizer(model, args.optimizer, args.lr, schedule, args)
+    f_net, autocast, scaler = wrap(model, args, world)  # one GradScaler for both nets
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    mask_net = g_net = mask_optimizer = mask_scheduler = None
+    if not args.no_mask:  # g_phi: its own optimizer, f's lr schedule
+        mask_net = get_mask_net(args.mask_arch, args.in_channels).to(args.device)
+        mask_optimizer, mask_scheduler = make_optimizer(mask_net, args.mask_optimizer, args.mask_lr, schedule, args)
         g_net = wrap(mask_net, args, world)[0]
-        stateful.update(mask_net=mask_net, mask_optimizer=mask_optimizer, mask_scheduler=mask_scheduler)
-    step = lambda x, y, idx: train_step(model, mask_net, f_pair, g_net, optimizer, mask_optimizer, scaler,
-                                        autocast, x, y, args)
-    run(args, world, rank, (train, val, test), stateful, step,
-        lambda: method_stats(mask_optimizer, mask_scheduler), lambda: {}, args.eps)
+        state.update(mask_net=mask_net, mask_optimizer=mask_optimizer, mask_scheduler=mask_scheduler)
+    start, best = open_run(args, state)
+    for epoch in range(start, args.epochs):
+        torch.manual_seed(args.seed * 1_000_000 + epoch * 1000 + rank)  # by (seed, epoch, rank): exact --resume
+        sums, t0 = Counter(), time.time()
+        for x, y, _ in batches(train, epoch, args, world, rank):
+            sums.update(train_step(model, mask_net, f_net, g_net, optimizer, mask_optimizer, scaler, autocast,
+                                   x, y, args), n=len(y))
+            stop_if_not_finite(sums, epoch, args)
+        rec = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], **epoch_means(sums, args, world),
+               "seconds": time.time() - t0}
+        scheduler.step()
+        if mask_net is not None:
+            rec["mask_lr"] = mask_scheduler.get_last_lr()[0]
+            mask_scheduler.step()
+            if is_main() and not 0.02 < rec["train_mask_mean"] < 0.98:  # M ~ 0: x_cali ~ x; M ~ 1: x_cali ~ x'
+                became = "natural training" if rec["train_mask_mean"] <= 0.02 else "TRADES (A2 with the weighted CE)"
+                print(f"warning: epoch {epoch + 1}: mean mask {rec['train_mask_mean']:.4f} is outside (0.02, 0.98): "
+                      f"the run has become {became}", file=sys.stderr, flush=True)
+        best = end_epoch(rec, model, (train, val, test), state, best, args.eps, args)
     if is_main() and mask_net is not None:
         write_masks_png(model, mask_net, test, args)
     if world > 1:
@@ -253,10 +238,8 @@ def main(argv=None):
 
 
 # ================================================================== shared boilerplate
-# Identical in train_customized.py and train_calibrated.py (each script stands alone):
-# command line, data, evaluation, checkpoints, log, the epoch loop.
-
-# ------------------------------------------------------------------ command line
+# Byte-identical in train_customized.py and train_calibrated.py (test_smoke.py checks it):
+# command line, data, checkpoints, log. Nothing below is either paper's method.
 
 def fraction(s):
     """A number or a fraction such as 8/255."""
@@ -266,202 +249,209 @@ def fraction(s):
         raise argparse.ArgumentTypeError(f"not a number or fraction: {s!r}")
 
 
-def add_common_args(p):
-    p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (see --help)\n")  # one line, no usage dump
+def int_list(s):  # "30,35"; argparse reports a ValueError in one line
+    return [int(v) for v in s.split(",")]
+
+
+DATASETS = ("cifar10", "cifar100", "mnist", "svhn", "imagefolder", "fake-cifar10", "fake-mnist")
+
+
+def parse_args(p, argv):
+    """Add the flags both trainers share to parser p, parse argv, check; errors in one line."""
+    p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (see --help)\n")  # no usage dump
     a = p.add_argument
-    a("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}; fake-* are torchvision FakeData, offline")
+    a("--milestones", type=int_list, help="epochs after which the lr is x0.1, e.g. 30,35 "
+      "(None = the paper's, scaled to --epochs)")
+    a("--dataset", default="cifar10", choices=DATASETS, help="fake-*: torchvision FakeData, offline")
     a("--data-dir", default="./data", help="dataset root (torchvision downloads CIFAR/SVHN/MNIST here)")
-    a("--train-size", type=int, default=None, help="use this many training images (seeded subset)")
-    a("--test-size", type=int, default=None, help="use this many test images")
+    a("--train-size", type=int, help="use this many training images, a seeded subset (None = all)")
+    a("--test-size", type=int, help="use this many test images (None = all)")
     a("--val-size", type=int, default=0, help="hold out this many training images; best.pt is chosen on them")
     a("--eval-size", type=int, default=1000, help="test points for the per-epoch clean / PGD-10 accuracy")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    a("--seed", type=int, default=0, help="seeds torch, numpy, Python and the data order")
-    a("--out", default=None, help="output directory (model.pt, best.pt, log.jsonl)")
-    a("--resume", nargs="?", const="", default=None, help="resume OUT/model.pt, or the checkpoint given")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
+    a("--seed", type=int, default=0, help="seeds the weights, each epoch (with the epoch) and the data order")
+    a("--out", help="output directory: model.pt, best.pt, log.jsonl (None = runs/SCRIPT)")
+    a("--resume", nargs="?", const="", help="continue from OUT/model.pt, or from the checkpoint given")
     a("--overwrite", action="store_true", help="start over in an --out that holds a run")
-    a("--save-every", type=int, default=0, help="also keep model_epochN.pt every N epochs")
     a("--workers", type=int, default=0, help="DataLoader worker processes")
     a("--amp", nargs="?", const="bf16", default="off", choices=["off", "bf16", "fp16"],
       help="CUDA autocast: --amp is bf16, --amp fp16 adds a GradScaler")
     a("--channels-last", action="store_true", help="NHWC memory format (CUDA tensor cores)")
     a("--compile", action="store_true", help="torch.compile the training forward")
-
-
-def check_common_args(p, args):
-    if args.dataset not in DATASETS:
-        p.error(f"unknown dataset {args.dataset!r}; valid: {', '.join(DATASETS)}")
-    if args.arch not in ARCHS:
-        p.error(f"unknown arch {args.arch!r}; valid: {', '.join(ARCHS)}")
-    for k in ("train_size", "test_size", "epochs", "batch_size", "eval_size"):
-        if getattr(args, k) is not None and getattr(args, k) < 1:
-            p.error(f"--{k.replace('_', '-')} must be >= 1")
-    if args.val_size < 0 or args.workers < 0 or args.save_every < 0:
-        p.error("--val-size, --workers and --save-every must be >= 0")
+    args = p.parse_args(argv)
+    sizes = [args.epochs, args.batch_size, args.eval_size, args.train_size or 1, args.test_size or 1]
+    if min(sizes + (args.milestones or [1])) < 1 or min(args.val_size, args.workers) < 0:
+        p.error("need epochs, batch, eval, train, test sizes and milestones >= 1, val-size and workers >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.amp != "off" and not (args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()):
         p.error("--amp needs CUDA (bf16 autocast on the CPU is ~17x slower than fp32)")
     args.out = args.out or os.path.join("runs", os.path.basename(sys.argv[0]).removesuffix(".py"))
+    return args
 
 
-# ------------------------------------------------------------------ data
+def milestones(args, paper_epochs, paper_milestones):
+    """--milestones, or the paper's scaled to --epochs; never 0, where MultiStepLR would decay at once."""
+    return args.milestones or [max(1, round(m * args.epochs / paper_epochs)) for m in paper_milestones]
 
-DATASETS = ("cifar10", "cifar100", "mnist", "svhn", "imagefolder", "fake-cifar10", "fake-mnist")
 
-
-class Indexed(Dataset):
-    """Items (x, y, i) with i the position in the training set: the key of per-sample state."""
-
-    def __init__(self, data, positions):
-        self.data, self.positions = data, positions
-
-    def __len__(self):
-        return len(self.positions)
+class Indexed(Subset):
+    """Items (x, y, i), i the position in the split: the key of per-sample state."""
 
     def __getitem__(self, i):
-        x, y = self.data[self.positions[i]]
-        return x, y, i
+        return *super().__getitem__(i), i
+
+    def __getitems__(self, indices):  # DataLoader's batched path
+        return [self[i] for i in indices]
 
 
 def get_data(args):
     """(train, val, test) as Indexed datasets. CIFAR gets pad-4 crop + flip; imagefolder: one size."""
     V, root, plain = torchvision.datasets, args.data_dir, T.ToTensor()
     aug = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
-    fake = lambda shape, n, offset: V.FakeData(n, shape, 10, plain, random_offset=offset)
-    build = {
-        "cifar10": lambda tr, t: V.CIFAR10(root, tr, t, download=True),
-        "cifar100": lambda tr, t: V.CIFAR100(root, tr, t, download=True),
-        "svhn": lambda tr, t: V.SVHN(root, "train" if tr else "test", t, download=True),
-        "mnist": lambda tr, t: V.MNIST(root, tr, plain, download=True),
-        "imagefolder": lambda tr, t: V.ImageFolder(os.path.join(root, "train" if tr else "val"), t),
-        "fake-cifar10": lambda tr, t: fake((3, 32, 32), args.train_size or 1000, args.seed) if tr
-        else fake((3, 32, 32), args.test_size or 1000, 1_000_000 + args.seed),
-        "fake-mnist": lambda tr, t: fake((1, 28, 28), args.train_size or 1000, args.seed) if tr
-        else fake((1, 28, 28), args.test_size or 1000, 1_000_000 + args.seed),
-    }[args.dataset]
+    fake = lambda shape, tr: V.FakeData((args.train_size if tr else args.test_size) or 1000, shape, 10, plain,
+                                        random_offset=args.seed + (0 if tr else 1_000_000))
+    build = {"cifar10": lambda tr, t: V.CIFAR10(root, tr, t, download=True),
+             "cifar100": lambda tr, t: V.CIFAR100(root, tr, t, download=True),
+             "svhn": lambda tr, t: V.SVHN(root, "train" if tr else "test", t, download=True),
+             "mnist": lambda tr, t: V.MNIST(root, tr, plain, download=True),
+             "imagefolder": lambda tr, t: V.ImageFolder(os.path.join(root, "train" if tr else "val"), t),
+             "fake-cifar10": lambda tr, t: fake((3, 32, 32), tr), "fake-mnist": lambda tr, t: fake((1, 28, 28), tr),
+             }[args.dataset]
     cifar_like = args.dataset in ("cifar10", "cifar100")  # SVHN digits: no flips
     try:
         train, test = build(True, aug if cifar_like else plain), build(False, plain)
         train_plain = build(True, plain) if cifar_like and args.val_size else train
     except (RuntimeError, OSError) as e:  # torchvision's download error spans lines; the last says why
-        why = (str(e).strip().splitlines() or [repr(e)])[-1]
-        sys.exit(f"error: cannot load {args.dataset} from {root}: {why}")
+        sys.exit(f"error: cannot load {args.dataset} from {root}: {(str(e).strip().splitlines() or [repr(e)])[-1]}")
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_train = args.train_size or len(train) - args.val_size
     if args.val_size + n_train > len(train):
         sys.exit(f"error: --val-size + --train-size = {args.val_size + n_train} > {len(train)} training images")
-    val = Indexed(train_plain, perm[:args.val_size])
-    train = Indexed(train, perm[args.val_size:args.val_size + n_train])
-    test = Indexed(test, list(range(min(args.test_size or len(test), len(test)))))
-    x, _, _ = test[0]
-    args.num_classes = 100 if args.dataset == "cifar100" else len(getattr(test.data, "classes", range(10)))
-    args.in_channels, args.image_size = x.shape[0], x.shape[-1]
+    val, train = Indexed(train_plain, perm[:args.val_size]), Indexed(train, perm[args.val_size:][:n_train])
+    test = Indexed(test, range(min(args.test_size or len(test), len(test))))
+    args.num_classes = 100 if args.dataset == "cifar100" else len(getattr(test.dataset, "classes", range(10)))
+    args.in_channels, args.image_size = test[0][0].shape[0], test[0][0].shape[-1]
     return train, val, test
 
 
-def epoch_loader(data, args, epoch, world, rank, skip_batches=0):
-    """This epoch's shuffled shard, a pure function of (seed, epoch), so that a resumed run sees
-    the same batches; `skip_batches` drops those an interrupted epoch already trained on."""
+def batches(data, epoch, args, world, rank):
+    """The epoch's shuffled shard on the device, by (seed, epoch); a progress line on a terminal."""
     sampler = DistributedSampler(data, world, rank, shuffle=True, seed=args.seed)
     sampler.set_epoch(epoch)
-    order = list(sampler)[skip_batches * args.batch_size:]
-    return DataLoader(data, args.batch_size, sampler=order, num_workers=args.workers,
-                      pin_memory=args.device.startswith("cuda"),
-                      generator=torch.Generator().manual_seed(args.seed + epoch))
+    loader = DataLoader(data, args.batch_size, sampler=sampler, num_workers=args.workers,
+                        pin_memory=args.device.startswith("cuda"))
+    t0, tty = time.time(), sys.stderr.isatty() and rank == 0
+    for i, (x, y, idx) in enumerate(loader):
+        x = x.to(args.device, non_blocking=True,
+                 memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+        yield x, y.to(args.device), idx.to(args.device)
+        if tty:
+            rate = (i + 1) * args.batch_size * world / (time.time() - t0)
+            print(f"\repoch {epoch + 1}: batch {i + 1}/{len(loader)}, {rate:.0f} images/s, "
+                  f"{(len(loader) - i - 1) * args.batch_size * world / rate:.0f} s left ", end="", file=sys.stderr)
+    if tty:
+        print("\r\033[K", end="", file=sys.stderr)  # clear the progress line
 
 
-# ------------------------------------------------------------------ evaluation, checkpoints, log
+def stop_if_not_finite(sums, epoch, args):
+    if not torch.isfinite(sums["train_loss"]):  # each rank checks; torchrun then stops the others
+        sys.exit(f"error: non-finite loss at epoch {epoch + 1}, batch {-(-sums['n'] // args.batch_size)}; "
+                 f"{args.out}/model.pt keeps the last good state (epoch {epoch})")
+
+
+def epoch_means(sums, args, world):
+    """The step's per-batch sums (and the image count n) as epoch means over every rank's images."""
+    t = torch.tensor([float(v) for v in sums.values()], dtype=torch.float64, device=args.device)
+    if world > 1:
+        dist.all_reduce(t)
+    means = dict(zip(sums, t.tolist()))
+    n = means.pop("n")
+    return {k: v / n for k, v in means.items()}
+
 
 def accuracy(model, data, eps, args, n):
     """Clean and PGD-10 accuracy (eval mode, CE, step eps/4, random start) on the first n points:
     a cheap progress signal; the papers' evaluation is evaluate.py."""
     model.eval()
-    clean = robust = 0
-    for x, y, _ in DataLoader(data, args.batch_size, sampler=range(min(n, len(data)))):
+    n, clean, robust = min(n, len(data)), 0, 0
+    for x, y, _ in DataLoader(data, args.batch_size, sampler=range(n)):
         x, y = x.to(args.device), y.to(args.device)
         x_adv = attacks.pgd(model, x, y, eps, eps / 4, 10)
         with torch.no_grad():
             clean += (model(x).argmax(1) == y).sum().item()
             robust += (model(x_adv).argmax(1) == y).sum().item()
     model.train()
-    return clean / min(n, len(data)), robust / min(n, len(data))
+    return clean / n, robust / n
 
 
-def all_gather(t):
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
-
-
-def rng_state():
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    np.random.set_state(("MT19937", s["numpy"][0].numpy().astype(np.uint32), *s["numpy"][1:]))
-
-
-def save_checkpoint(state, path):
-    """Atomic: a temporary file in the same directory, fsync, then rename over the old one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """weights_only=True: a checkpoint is data; a pickle that would run code is refused."""
-    try:
-        with warnings.catch_warnings():  # torch's pickle-protocol warning would break the one line
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        sys.exit(f"error: {path} is not a loadable checkpoint: not weights-only data (refused, nothing run)")
-    except Exception as e:  # a directory, a truncated or foreign file
-        sys.exit(f"error: {path} is not a loadable checkpoint ({type(e).__name__})")
+def end_epoch(rec, model, data, state, best, eval_eps, args):
+    """Add clean / PGD-10 accuracies to the epoch's record and log it; save model.pt and, when the
+    validation PGD accuracy (clean breaks ties) improves, best.pt. Returns the best so far."""
+    if not is_main():
+        return best
+    train, val, test = data
+    rec["train_clean_acc"], rec["train_pgd_acc"] = accuracy(model, train, eval_eps, args, args.eval_size)
+    rec["test_clean_acc"], rec["test_pgd_acc"] = accuracy(model, test, eval_eps, args, args.eval_size)
+    if len(val):
+        rec["val_clean_acc"], rec["val_pgd_acc"] = accuracy(model, val, eval_eps, args, len(val))
+    rec["images_per_s"] = len(train) / rec["seconds"]
+    with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)
+    names = ["model.pt"]
+    if len(val) and (best is None or [rec["val_pgd_acc"], rec["val_clean_acc"]] > best):
+        best, names = [rec["val_pgd_acc"], rec["val_clean_acc"]], ["best.pt", "model.pt"]
+    ck = {"arch": args.arch, "num_classes": args.num_classes, "in_channels": args.in_channels,
+          "image_size": args.image_size, "dataset": args.dataset, "method": METHOD, "args": vars(args),
+          "epoch": rec["epoch"], "best": best,
+          **{k: v.cpu() if torch.is_tensor(v) else v.state_dict() for k, v in state.items()}}
+    for name in names:  # atomic: a temporary file in the same directory, fsync, rename over the old one
+        with open(tmp := os.path.join(args.out, f"{name}.tmp{os.getpid()}"), "wb") as f:
+            torch.save(ck, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(args.out, name))
+    return best
 
 
 # Arguments that may change when a run is resumed; any other difference is refused.
-RUNTIME_ARGS = {"resume", "overwrite", "device", "workers", "out", "save_every", "compile",
-                "channels_last", "amp", "eval_size"}
+RUNTIME_ARGS = {"resume", "overwrite", "device", "workers", "out", "compile", "channels_last", "amp", "eval_size"}
 
 
-def open_run(args, stateful):
-    """Start, or resume, the run in args.out. Returns (checkpoint or None, log file)."""
+def open_run(args, state):
+    """Start, or resume at its last finished epoch, the run in args.out: (first epoch, best so far).
+    `state`: what the checkpoint holds (objects with a state_dict, and tensors), restored in place."""
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "model.pt")
-    if args.resume is None and os.path.exists(path) and not args.overwrite:
+    log_path, src = os.path.join(args.out, "log.jsonl"), args.resume or os.path.join(args.out, "model.pt")
+    if args.resume is None and os.path.exists(src) and not args.overwrite:
         sys.exit(f"error: {args.out} holds a run; --resume to continue it, --overwrite to start over")
-    ck = None
-    if args.resume is not None:
-        src = args.resume or path
-        if not os.path.exists(src):
-            sys.exit(f"error: --resume: no checkpoint at {src}")
-        ck = load_checkpoint(src)
-        diff = sorted(k for k, v in ck.get("args", {}).items()
-                      if k not in RUNTIME_ARGS and getattr(args, k, v) != v)
-        if diff:
-            sys.exit(f"error: {src} was trained with other settings: {', '.join(diff)}")
-        for k, obj in stateful.items():
+    if args.resume is None:
+        if is_main():
+            open(log_path, "w").close()
+        return 0, None
+    if not os.path.isfile(src):
+        sys.exit(f"error: --resume: no checkpoint at {src}")
+    try:  # weights_only: a checkpoint is data; a pickle that would run code is refused
+        with warnings.catch_warnings(action="ignore"):  # torch's pickle-protocol warning would break the line
+            ck = torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        sys.exit(f"error: {src} is not a loadable checkpoint: not weights-only data (refused, nothing run)")
+    except Exception as e:  # a truncated or foreign file
+        sys.exit(f"error: {src} is not a loadable checkpoint ({type(e).__name__})")
+    diff = sorted(k for k, v in ck.get("args", {}).items() if k not in RUNTIME_ARGS and getattr(args, k, v) != v)
+    if diff:
+        sys.exit(f"error: {src} was trained with other settings: {', '.join(diff)}")
+    for k, obj in state.items():
+        if torch.is_tensor(obj):
+            obj.copy_(ck[k])
+        else:
             obj.load_state_dict(ck[k])
-    log_path = os.path.join(args.out, "log.jsonl")
-    lines = []
-    if ck is not None and os.path.exists(log_path):  # drop epochs the checkpoint does not hold
-        lines = [l for l in open(log_path) if json.loads(l)["epoch"] <= ck["epoch"]]
-    if is_main():
+    if is_main() and os.path.exists(log_path):  # keep the log lines of the epochs the checkpoint holds
+        lines = [line for line in open(log_path) if json.loads(line)["epoch"] <= ck["epoch"]]
         with open(log_path, "w") as f:
             f.writelines(lines)
-    return ck, log_path
+    return ck["epoch"], ck["best"]
 
 
 def is_main():
@@ -469,105 +459,27 @@ def is_main():
 
 
 def setup(args):
-    """Resolve the device, join the process group under torchrun, seed. Returns (world, rank)."""
+    """Resolve the device, join the process group under torchrun, seed the weights: (world, rank)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if world > 1:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         if args.device == "cuda":
             args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
             torch.cuda.set_device(args.device)
-    seed = args.seed + rank  # each rank draws its own random starts and Dirichlet noise
-    torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+    torch.manual_seed(args.seed)
     return world, rank
 
 
 def wrap(model, args, world):
     """(net, autocast, scaler): what the training forward runs through (DDP under torchrun,
     torch.compile if asked), the --amp autocast context and its GradScaler (fp16 only)."""
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     net = DistributedDataParallel(model) if world > 1 else model
     dtype = torch.float16 if args.amp == "fp16" else torch.bfloat16
     autocast = lambda: torch.autocast(args.device.split(":")[0], dtype, enabled=args.amp != "off")
     scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.amp == "fp16")
     return torch.compile(net) if args.compile else net, autocast, scaler
-
-
-def run(args, world, rank, data, stateful, step, stats, extra, eval_eps):
-    """The epoch loop both trainers share: resume, train, evaluate, log, checkpoint.
-    step(x, y, idx) trains on one batch and returns per-batch sums; stats() and extra() give
-    the method's log fields and checkpoint tensors."""
-    train_set, val_set, test_set = data
-    ck, log_path = open_run(args, stateful)
-    path, model = os.path.join(args.out, "model.pt"), stateful["model"]
-    epoch, skip, best, sums, n = 0, 0, None, {}, 0
-    if ck is not None:
-        epoch, skip, best, n = ck["epoch"], ck["batch"], ck["best"], ck["n"]
-        sums = {k: v.to(args.device) for k, v in ck["sums"].items()}
-        for k, v in extra().items():
-            v.copy_(ck[k])
-        if world == 1:  # exact continuation; under torchrun each rank re-seeds from (seed, rank, epoch)
-            set_rng_state(ck["rng"])
-        else:
-            torch.manual_seed(args.seed + rank + 1000 * epoch)
-    interrupted = []
-    signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
-
-    def save(p, epoch, batch):
-        if is_main():
-            save_checkpoint({"arch": args.arch, "num_classes": args.num_classes, "in_channels": args.in_channels,
-                             "image_size": args.image_size, "dataset": args.dataset, "method": METHOD,
-                             "args": vars(args), "epoch": epoch, "batch": batch, "best": best, "sums": sums,
-                             "n": n, "rng": rng_state(), **{k: v.state_dict() for k, v in stateful.items()},
-                             **{k: v.cpu() for k, v in extra().items()}}, p)
-
-    while epoch < args.epochs:
-        t0 = time.time()
-        for b, (x, y, idx) in enumerate(epoch_loader(train_set, args, epoch, world, rank, skip), skip):
-            x, y, idx = x.to(args.device, non_blocking=True), y.to(args.device), idx.to(args.device)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            for k, v in step(x, y, idx).items():
-                sums[k] = sums.get(k, 0) + v.detach().float()
-            n += len(y)
-            flags = torch.tensor([len(interrupted), not torch.isfinite(sums["loss"])], device=args.device)
-            if world > 1:
-                dist.all_reduce(flags, dist.ReduceOp.MAX)
-            if flags[1]:
-                sys.exit(f"error: non-finite loss at epoch {epoch + 1}, batch {b + 1}; "
-                         f"{path} keeps the last good state (epoch {epoch})")
-            if flags[0]:
-                save(path, epoch, b + 1)
-                sys.exit(f"interrupted at epoch {epoch + 1}, batch {b + 1}; saved {path}, --resume continues")
-        seconds = time.time() - t0
-        if world > 1:  # log the whole epoch, every rank's batches
-            for v in sums.values():
-                dist.all_reduce(v)
-            n *= world
-        rec = {"epoch": epoch + 1, "lr": stateful["optimizer"].param_groups[0]["lr"]}
-        stateful["scheduler"].step()
-        rec.update({f"train_{k.removesuffix('_correct')}_acc" if k.endswith("_correct") else f"train_{k}":
-                    v.item() / n for k, v in sums.items()})  # step() returns per-batch sums
-        if is_main():
-            rec["train_clean_acc"], rec["train_pgd_acc"] = accuracy(model, train_set, eval_eps, args, args.eval_size)
-            rec["test_clean_acc"], rec["test_pgd_acc"] = accuracy(model, test_set, eval_eps, args, args.eval_size)
-            if len(val_set):
-                rec["val_clean_acc"], rec["val_pgd_acc"] = accuracy(model, val_set, eval_eps, args, len(val_set))
-        rec.update(stats())
-        rec.update({"seconds": seconds, "images_per_s": n / seconds})
-        epoch, skip, sums, n = epoch + 1, 0, {}, 0
-        if is_main():
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)
-            if len(val_set) and (best is None or [rec["val_pgd_acc"], rec["val_clean_acc"]] > best):
-                best = [rec["val_pgd_acc"], rec["val_clean_acc"]]  # PGD accuracy first, clean breaks ties
-                save(os.path.join(args.out, "best.pt"), epoch, 0)
-            save(path, epoch, 0)
-            if args.save_every and epoch % args.save_every == 0:
-                save(os.path.join(args.out, f"model_epoch{epoch}.pt"), epoch, 0)
 
 
 if __name__ == "__main__":

@@ -6,26 +6,25 @@ CE on y~ or the mixed CE + C&W margin loss (Eq. 6).
 
     python train_customized.py                                        # paper values, WRN-34-10
     python train_customized.py --dataset fake-mnist --arch smallcnn --eps-max 0.1 --epochs 2
-Table 6 ablations: PGD-AT = --fixed-eps --c 0 --loss ce, Adv+LS = --fixed-eps, Adp-Adv = --c 0.
+Table 6 (VGG-16): Adv train = --fixed-eps --c 0 --loss ce, Adv+LS = --fixed-eps --loss ce,
+Adp-Adv (IAAT) = --c 0 --loss ce, CAT = the defaults (mixed loss, as in Table 3).
 """
 import argparse
 import json
 import os
 import pickle
-import random
-import signal
 import sys
 import time
 import warnings
+from collections import Counter
 from fractions import Fraction
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import transforms as T
 
@@ -65,25 +64,23 @@ def mixed_loss(logits, y_soft, y, kappa):
 
 
 def train_step(model, net, optimizer, scaler, autocast, x, y, idx, eps_table, args):
-    """One batch of Algorithm 1. `model` is the bare network (attacked in eval mode); `net` is
-    what the training forward runs through (the same model, or its DDP / compiled wrapper).
-    Passes: `steps` forward+backward for the attack, one forward+backward for the update; the
-    success test reuses the update's logits, so the method costs what PGD-AT costs."""
-    K = args.num_classes
+    """One batch of Algorithm 1: `steps` forward+backward passes for the attack and one for the
+    update, as PGD-AT. `net` is `model` or its DDP / compiled wrapper."""
     eps = torch.full_like(y, args.eps_max, dtype=torch.float) if args.fixed_eps else eps_table[idx]
     radius = eps if args.fixed_eps else eps + args.eta      # Alg. 1: eps_i <- eps_i + eta
-    per_sample = (lambda z, ys, t: mixed_loss(z, ys, t, args.kappa)) if args.loss == "mix" \
-        else (lambda z, ys, t: soft_ce(z, ys))
-    y_soft = adaptive_labels(y, eps, args.c, args.beta, K)  # Eq. (4) with the current eps_i
+    per_sample = (lambda z, ys: mixed_loss(z, ys, y, args.kappa)) if args.loss == "mix" else soft_ce
+    y_soft = adaptive_labels(y, eps, args.c, args.beta, args.num_classes)  # Eq. (4), current eps_i
     model.eval()  # attack the model as it is evaluated (BN running statistics), as TRADES does
     with autocast():
         x_adv = attacks.pgd(model, x, y, radius, args.alpha * radius, args.steps,
-                            loss=lambda z, t: per_sample(z.float(), y_soft, t))
+                            loss=lambda z, _: per_sample(z.float(), y_soft))
     model.train()
     with autocast():
         logits = net(x_adv).float()
     new_eps = eps
-    if not args.fixed_eps:  # Alg. 1: f(x_i + delta_i) != y_i -> eps_i <- 0; then cap at eps_max
+    if not args.fixed_eps:  # Alg. 1: f(x_i + delta_i) != y_i -> eps_i <- 0; then cap at eps_max.
+        # The test reads this training forward's logits (train mode: BN batch statistics), not a
+        # pass in the eval mode the attack ran in: one pass fewer, the paper's "negligible overhead".
         new_eps = update_epsilons(eps, logits.argmax(1) != y, args.eta, args.eps_max)
         if dist.is_initialized():  # every rank holds the whole table: apply every rank's updates
             eps_table[all_gather(idx)] = all_gather(new_eps)
@@ -91,23 +88,28 @@ def train_step(model, net, optimizer, scaler, autocast, x, y, idx, eps_table, ar
             eps_table[idx] = new_eps
     # Alg. 1 recomputes y~ with the updated eps_i (its line prints (1 - c eps_i) before the
     # Dirichlet term, a typo for Eq. (4)'s c eps_i), then takes one SGD step on l(f(x'), y~).
-    y_soft = adaptive_labels(y, new_eps, args.c, args.beta, K)
-    loss = per_sample(logits, y_soft, y).mean()             # Eq. (5) / (6), batch mean
+    y_soft = adaptive_labels(y, new_eps, args.c, args.beta, args.num_classes)
+    loss = per_sample(logits, y_soft).mean()                # Eq. (5) / (6), batch mean
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return {"loss": loss.detach() * len(y), "adv_correct": (logits.argmax(1) == y).sum()}
+    return {"train_loss": loss.detach() * len(y), "train_adv_acc": (logits.argmax(1) == y).sum()}
 
 
-def method_stats(eps_table, args):
+def all_gather(t):
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def eps_stats(eps_table, args):
     """The eps table at the end of an epoch: mean, quantiles and share at eps_max."""
     if args.fixed_eps:
         return {}
-    q = torch.quantile(eps_table.float().cpu(), torch.tensor([0.1, 0.5, 0.9]))
-    at_max = (eps_table >= args.eps_max - 1e-9).float().mean().item()
-    return {"eps_mean": eps_table.mean().item(), "eps_q10": q[0].item(), "eps_q50": q[1].item(),
-            "eps_q90": q[2].item(), "eps_at_max": at_max}
+    q = torch.quantile(eps_table.float().cpu(), torch.tensor([0.1, 0.5, 0.9])).tolist()
+    return {"eps_mean": eps_table.mean().item(), "eps_q10": q[0], "eps_q50": q[1], "eps_q90": q[2],
+            "eps_at_max": (eps_table >= args.eps_max - 1e-9).float().mean().item()}
 
 
 def write_eps_histogram(eps_table, args, bins=40, height=120):
@@ -121,7 +123,8 @@ def write_eps_histogram(eps_table, args, bins=40, height=120):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Customized adversarial training (arXiv 2002.06789), Alg. 1.")
+    p = argparse.ArgumentParser(description="Customized adversarial training (arXiv 2002.06789), Alg. 1.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--eta", type=fraction, default=0.005, help="eps_i increment per unfooled visit (Sec. 3.1; Sec. 5: 0.005)")
     a("--eps-max", type=fraction, default=8 / 255, help="cap on eps_i (Sec. 5: 8/255)")
@@ -135,16 +138,15 @@ def get_args(argv=None):
       "0.25 x 10 steps = 2.5 radii (Madry et al.'s rule), 2/255 at radius 8/255")
     a("--fixed-eps", action="store_true", help="every sample at eps_max, no eps adaptation "
       "(Table 6 'Adv train', 'Adv+LS')")
-    a("--lr", type=float, default=None, help="SGD learning rate (Sec. 5: 0.1 for WRN, 0.01 for VGG-16; "
-      "default by --arch)")
+    a("--optimizer", choices=["sgd", "adam"], default="sgd", help="Sec. 5: SGD; adam only to compare with "
+      "Adam-trained baselines (benchmarks/mnist_table1.py)")
+    a("--lr", type=float, help="learning rate (Sec. 5: 0.1 for WRN, 0.01 for VGG-16; None = by --arch)")
     a("--momentum", type=float, default=0.9, help="SGD momentum (Sec. 5: 0.9)")
     a("--wd", type=float, default=5e-4, help="weight decay (Sec. 5: 5e-4)")
     a("--epochs", type=int, default=PAPER_EPOCHS, help="epochs (Sec. 5: 200; lr x0.1 at 80/140/180, scaled to --epochs)")
     a("--batch-size", type=int, default=128, help="batch size per process (128, as Madry et al. and TRADES)")
-    a("--arch", default="wrn34_10", help=f"one of {', '.join(ARCHS)} (Table 4: WRN-34-10; Table 3: VGG-16)")
-    add_common_args(p)
-    args = p.parse_args(argv)
-    check_common_args(p, args)
+    a("--arch", default="wrn34_10", choices=ARCHS, help="classifier (Table 4: WRN-34-10; Table 3: VGG-16)")
+    args = parse_args(p, argv)
     if args.eta < 0 or args.eps_max <= 0 or args.beta <= 0 or args.c < 0 or args.steps < 1:
         p.error("need eta >= 0, eps-max > 0, beta > 0, c >= 0, steps >= 1")
     if args.c * args.eps_max > 1:
@@ -159,16 +161,23 @@ def main(argv=None):
     world, rank = setup(args)
     train, val, test = get_data(args)
     model = get_model(args.arch, args.num_classes, args.in_channels, args.image_size).to(args.device)
-    optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
-    # Scaled to --epochs; never 0, where MultiStepLR would decay before the first epoch.
-    milestones = [max(1, round(m * args.epochs / PAPER_EPOCHS)) for m in PAPER_MILESTONES]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1)
+    optimizer = torch.optim.Adam(model.parameters(), args.lr, weight_decay=args.wd) if args.optimizer == "adam" \
+        else torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones(args, PAPER_EPOCHS, PAPER_MILESTONES))
     eps_table = torch.zeros(len(train), device=args.device)  # Sec. 3.1: every eps_i starts at 0
     net, autocast, scaler = wrap(model, args, world)
-    step = lambda x, y, idx: train_step(model, net, optimizer, scaler, autocast, x, y, idx, eps_table, args)
-    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    run(args, world, rank, (train, val, test), stateful, step, lambda: method_stats(eps_table, args),
-        lambda: {"eps": eps_table}, args.eps_max)
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "eps": eps_table}
+    start, best = open_run(args, state)
+    for epoch in range(start, args.epochs):
+        torch.manual_seed(args.seed * 1_000_000 + epoch * 1000 + rank)  # by (seed, epoch, rank): exact --resume
+        sums, t0 = Counter(), time.time()
+        for x, y, idx in batches(train, epoch, args, world, rank):
+            sums.update(train_step(model, net, optimizer, scaler, autocast, x, y, idx, eps_table, args), n=len(y))
+            stop_if_not_finite(sums, epoch, args)
+        rec = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], **epoch_means(sums, args, world),
+               **eps_stats(eps_table, args), "seconds": time.time() - t0}
+        scheduler.step()
+        best = end_epoch(rec, model, (train, val, test), state, best, args.eps_max, args)
     if is_main() and not args.fixed_eps:
         write_eps_histogram(eps_table, args)
     if world > 1:
@@ -176,10 +185,8 @@ def main(argv=None):
 
 
 # ================================================================== shared boilerplate
-# Identical in train_customized.py and train_calibrated.py (each script stands alone):
-# command line, data, evaluation, checkpoints, log, the epoch loop.
-
-# ------------------------------------------------------------------ command line
+# Byte-identical in train_customized.py and train_calibrated.py (test_smoke.py checks it):
+# command line, data, checkpoints, log. Nothing below is either paper's method.
 
 def fraction(s):
     """A number or a fraction such as 8/255."""
@@ -189,202 +196,209 @@ def fraction(s):
         raise argparse.ArgumentTypeError(f"not a number or fraction: {s!r}")
 
 
-def add_common_args(p):
-    p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (see --help)\n")  # one line, no usage dump
+def int_list(s):  # "30,35"; argparse reports a ValueError in one line
+    return [int(v) for v in s.split(",")]
+
+
+DATASETS = ("cifar10", "cifar100", "mnist", "svhn", "imagefolder", "fake-cifar10", "fake-mnist")
+
+
+def parse_args(p, argv):
+    """Add the flags both trainers share to parser p, parse argv, check; errors in one line."""
+    p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (see --help)\n")  # no usage dump
     a = p.add_argument
-    a("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}; fake-* are torchvision FakeData, offline")
+    a("--milestones", type=int_list, help="epochs after which the lr is x0.1, e.g. 30,35 "
+      "(None = the paper's, scaled to --epochs)")
+    a("--dataset", default="cifar10", choices=DATASETS, help="fake-*: torchvision FakeData, offline")
     a("--data-dir", default="./data", help="dataset root (torchvision downloads CIFAR/SVHN/MNIST here)")
-    a("--train-size", type=int, default=None, help="use this many training images (seeded subset)")
-    a("--test-size", type=int, default=None, help="use this many test images")
+    a("--train-size", type=int, help="use this many training images, a seeded subset (None = all)")
+    a("--test-size", type=int, help="use this many test images (None = all)")
     a("--val-size", type=int, default=0, help="hold out this many training images; best.pt is chosen on them")
     a("--eval-size", type=int, default=1000, help="test points for the per-epoch clean / PGD-10 accuracy")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    a("--seed", type=int, default=0, help="seeds torch, numpy, Python and the data order")
-    a("--out", default=None, help="output directory (model.pt, best.pt, log.jsonl)")
-    a("--resume", nargs="?", const="", default=None, help="resume OUT/model.pt, or the checkpoint given")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
+    a("--seed", type=int, default=0, help="seeds the weights, each epoch (with the epoch) and the data order")
+    a("--out", help="output directory: model.pt, best.pt, log.jsonl (None = runs/SCRIPT)")
+    a("--resume", nargs="?", const="", help="continue from OUT/model.pt, or from the checkpoint given")
     a("--overwrite", action="store_true", help="start over in an --out that holds a run")
-    a("--save-every", type=int, default=0, help="also keep model_epochN.pt every N epochs")
     a("--workers", type=int, default=0, help="DataLoader worker processes")
     a("--amp", nargs="?", const="bf16", default="off", choices=["off", "bf16", "fp16"],
       help="CUDA autocast: --amp is bf16, --amp fp16 adds a GradScaler")
     a("--channels-last", action="store_true", help="NHWC memory format (CUDA tensor cores)")
     a("--compile", action="store_true", help="torch.compile the training forward")
-
-
-def check_common_args(p, args):
-    if args.dataset not in DATASETS:
-        p.error(f"unknown dataset {args.dataset!r}; valid: {', '.join(DATASETS)}")
-    if args.arch not in ARCHS:
-        p.error(f"unknown arch {args.arch!r}; valid: {', '.join(ARCHS)}")
-    for k in ("train_size", "test_size", "epochs", "batch_size", "eval_size"):
-        if getattr(args, k) is not None and getattr(args, k) < 1:
-            p.error(f"--{k.replace('_', '-')} must be >= 1")
-    if args.val_size < 0 or args.workers < 0 or args.save_every < 0:
-        p.error("--val-size, --workers and --save-every must be >= 0")
+    args = p.parse_args(argv)
+    sizes = [args.epochs, args.batch_size, args.eval_size, args.train_size or 1, args.test_size or 1]
+    if min(sizes + (args.milestones or [1])) < 1 or min(args.val_size, args.workers) < 0:
+        p.error("need epochs, batch, eval, train, test sizes and milestones >= 1, val-size and workers >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.amp != "off" and not (args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()):
         p.error("--amp needs CUDA (bf16 autocast on the CPU is ~17x slower than fp32)")
     args.out = args.out or os.path.join("runs", os.path.basename(sys.argv[0]).removesuffix(".py"))
+    return args
 
 
-# ------------------------------------------------------------------ data
+def milestones(args, paper_epochs, paper_milestones):
+    """--milestones, or the paper's scaled to --epochs; never 0, where MultiStepLR would decay at once."""
+    return args.milestones or [max(1, round(m * args.epochs / paper_epochs)) for m in paper_milestones]
 
-DATASETS = ("cifar10", "cifar100", "mnist", "svhn", "imagefolder", "fake-cifar10", "fake-mnist")
 
-
-class Indexed(Dataset):
-    """Items (x, y, i) with i the position in the training set: the key of per-sample state."""
-
-    def __init__(self, data, positions):
-        self.data, self.positions = data, positions
-
-    def __len__(self):
-        return len(self.positions)
+class Indexed(Subset):
+    """Items (x, y, i), i the position in the split: the key of per-sample state."""
 
     def __getitem__(self, i):
-        x, y = self.data[self.positions[i]]
-        return x, y, i
+        return *super().__getitem__(i), i
+
+    def __getitems__(self, indices):  # DataLoader's batched path
+        return [self[i] for i in indices]
 
 
 def get_data(args):
     """(train, val, test) as Indexed datasets. CIFAR gets pad-4 crop + flip; imagefolder: one size."""
     V, root, plain = torchvision.datasets, args.data_dir, T.ToTensor()
     aug = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
-    fake = lambda shape, n, offset: V.FakeData(n, shape, 10, plain, random_offset=offset)
-    build = {
-        "cifar10": lambda tr, t: V.CIFAR10(root, tr, t, download=True),
-        "cifar100": lambda tr, t: V.CIFAR100(root, tr, t, download=True),
-        "svhn": lambda tr, t: V.SVHN(root, "train" if tr else "test", t, download=True),
-        "mnist": lambda tr, t: V.MNIST(root, tr, plain, download=True),
-        "imagefolder": lambda tr, t: V.ImageFolder(os.path.join(root, "train" if tr else "val"), t),
-        "fake-cifar10": lambda tr, t: fake((3, 32, 32), args.train_size or 1000, args.seed) if tr
-        else fake((3, 32, 32), args.test_size or 1000, 1_000_000 + args.seed),
-        "fake-mnist": lambda tr, t: fake((1, 28, 28), args.train_size or 1000, args.seed) if tr
-        else fake((1, 28, 28), args.test_size or 1000, 1_000_000 + args.seed),
-    }[args.dataset]
+    fake = lambda shape, tr: V.FakeData((args.train_size if tr else args.test_size) or 1000, shape, 10, plain,
+                                        random_offset=args.seed + (0 if tr else 1_000_000))
+    build = {"cifar10": lambda tr, t: V.CIFAR10(root, tr, t, download=True),
+             "cifar100": lambda tr, t: V.CIFAR100(root, tr, t, download=True),
+             "svhn": lambda tr, t: V.SVHN(root, "train" if tr else "test", t, download=True),
+             "mnist": lambda tr, t: V.MNIST(root, tr, plain, download=True),
+             "imagefolder": lambda tr, t: V.ImageFolder(os.path.join(root, "train" if tr else "val"), t),
+             "fake-cifar10": lambda tr, t: fake((3, 32, 32), tr), "fake-mnist": lambda tr, t: fake((1, 28, 28), tr),
+             }[args.dataset]
     cifar_like = args.dataset in ("cifar10", "cifar100")  # SVHN digits: no flips
     try:
         train, test = build(True, aug if cifar_like else plain), build(False, plain)
         train_plain = build(True, plain) if cifar_like and args.val_size else train
     except (RuntimeError, OSError) as e:  # torchvision's download error spans lines; the last says why
-        why = (str(e).strip().splitlines() or [repr(e)])[-1]
-        sys.exit(f"error: cannot load {args.dataset} from {root}: {why}")
+        sys.exit(f"error: cannot load {args.dataset} from {root}: {(str(e).strip().splitlines() or [repr(e)])[-1]}")
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_train = args.train_size or len(train) - args.val_size
     if args.val_size + n_train > len(train):
         sys.exit(f"error: --val-size + --train-size = {args.val_size + n_train} > {len(train)} training images")
-    val = Indexed(train_plain, perm[:args.val_size])
-    train = Indexed(train, perm[args.val_size:args.val_size + n_train])
-    test = Indexed(test, list(range(min(args.test_size or len(test), len(test)))))
-    x, _, _ = test[0]
-    args.num_classes = 100 if args.dataset == "cifar100" else len(getattr(test.data, "classes", range(10)))
-    args.in_channels, args.image_size = x.shape[0], x.shape[-1]
+    val, train = Indexed(train_plain, perm[:args.val_size]), Indexed(train, perm[args.val_size:][:n_train])
+    test = Indexed(test, range(min(args.test_size or len(test), len(test))))
+    args.num_classes = 100 if args.dataset == "cifar100" else len(getattr(test.dataset, "classes", range(10)))
+    args.in_channels, args.image_size = test[0][0].shape[0], test[0][0].shape[-1]
     return train, val, test
 
 
-def epoch_loader(data, args, epoch, world, rank, skip_batches=0):
-    """This epoch's shuffled shard, a pure function of (seed, epoch), so that a resumed run sees
-    the same batches; `skip_batches` drops those an interrupted epoch already trained on."""
+def batches(data, epoch, args, world, rank):
+    """The epoch's shuffled shard on the device, by (seed, epoch); a progress line on a terminal."""
     sampler = DistributedSampler(data, world, rank, shuffle=True, seed=args.seed)
     sampler.set_epoch(epoch)
-    order = list(sampler)[skip_batches * args.batch_size:]
-    return DataLoader(data, args.batch_size, sampler=order, num_workers=args.workers,
-                      pin_memory=args.device.startswith("cuda"),
-                      generator=torch.Generator().manual_seed(args.seed + epoch))
+    loader = DataLoader(data, args.batch_size, sampler=sampler, num_workers=args.workers,
+                        pin_memory=args.device.startswith("cuda"))
+    t0, tty = time.time(), sys.stderr.isatty() and rank == 0
+    for i, (x, y, idx) in enumerate(loader):
+        x = x.to(args.device, non_blocking=True,
+                 memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+        yield x, y.to(args.device), idx.to(args.device)
+        if tty:
+            rate = (i + 1) * args.batch_size * world / (time.time() - t0)
+            print(f"\repoch {epoch + 1}: batch {i + 1}/{len(loader)}, {rate:.0f} images/s, "
+                  f"{(len(loader) - i - 1) * args.batch_size * world / rate:.0f} s left ", end="", file=sys.stderr)
+    if tty:
+        print("\r\033[K", end="", file=sys.stderr)  # clear the progress line
 
 
-# ------------------------------------------------------------------ evaluation, checkpoints, log
+def stop_if_not_finite(sums, epoch, args):
+    if not torch.isfinite(sums["train_loss"]):  # each rank checks; torchrun then stops the others
+        sys.exit(f"error: non-finite loss at epoch {epoch + 1}, batch {-(-sums['n'] // args.batch_size)}; "
+                 f"{args.out}/model.pt keeps the last good state (epoch {epoch})")
+
+
+def epoch_means(sums, args, world):
+    """The step's per-batch sums (and the image count n) as epoch means over every rank's images."""
+    t = torch.tensor([float(v) for v in sums.values()], dtype=torch.float64, device=args.device)
+    if world > 1:
+        dist.all_reduce(t)
+    means = dict(zip(sums, t.tolist()))
+    n = means.pop("n")
+    return {k: v / n for k, v in means.items()}
+
 
 def accuracy(model, data, eps, args, n):
     """Clean and PGD-10 accuracy (eval mode, CE, step eps/4, random start) on the first n points:
     a cheap progress signal; the papers' evaluation is evaluate.py."""
     model.eval()
-    clean = robust = 0
-    for x, y, _ in DataLoader(data, args.batch_size, sampler=range(min(n, len(data)))):
+    n, clean, robust = min(n, len(data)), 0, 0
+    for x, y, _ in DataLoader(data, args.batch_size, sampler=range(n)):
         x, y = x.to(args.device), y.to(args.device)
         x_adv = attacks.pgd(model, x, y, eps, eps / 4, 10)
         with torch.no_grad():
             clean += (model(x).argmax(1) == y).sum().item()
             robust += (model(x_adv).argmax(1) == y).sum().item()
     model.train()
-    return clean / min(n, len(data)), robust / min(n, len(data))
+    return clean / n, robust / n
 
 
-def all_gather(t):
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
-
-
-def rng_state():
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    np.random.set_state(("MT19937", s["numpy"][0].numpy().astype(np.uint32), *s["numpy"][1:]))
-
-
-def save_checkpoint(state, path):
-    """Atomic: a temporary file in the same directory, fsync, then rename over the old one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """weights_only=True: a checkpoint is data; a pickle that would run code is refused."""
-    try:
-        with warnings.catch_warnings():  # torch's pickle-protocol warning would break the one line
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        sys.exit(f"error: {path} is not a loadable checkpoint: not weights-only data (refused, nothing run)")
-    except Exception as e:  # a directory, a truncated or foreign file
-        sys.exit(f"error: {path} is not a loadable checkpoint ({type(e).__name__})")
+def end_epoch(rec, model, data, state, best, eval_eps, args):
+    """Add clean / PGD-10 accuracies to the epoch's record and log it; save model.pt and, when the
+    validation PGD accuracy (clean breaks ties) improves, best.pt. Returns the best so far."""
+    if not is_main():
+        return best
+    train, val, test = data
+    rec["train_clean_acc"], rec["train_pgd_acc"] = accuracy(model, train, eval_eps, args, args.eval_size)
+    rec["test_clean_acc"], rec["test_pgd_acc"] = accuracy(model, test, eval_eps, args, args.eval_size)
+    if len(val):
+        rec["val_clean_acc"], rec["val_pgd_acc"] = accuracy(model, val, eval_eps, args, len(val))
+    rec["images_per_s"] = len(train) / rec["seconds"]
+    with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)
+    names = ["model.pt"]
+    if len(val) and (best is None or [rec["val_pgd_acc"], rec["val_clean_acc"]] > best):
+        best, names = [rec["val_pgd_acc"], rec["val_clean_acc"]], ["best.pt", "model.pt"]
+    ck = {"arch": args.arch, "num_classes": args.num_classes, "in_channels": args.in_channels,
+          "image_size": args.image_size, "dataset": args.dataset, "method": METHOD, "args": vars(args),
+          "epoch": rec["epoch"], "best": best,
+          **{k: v.cpu() if torch.is_tensor(v) else v.state_dict() for k, v in state.items()}}
+    for name in names:  # atomic: a temporary file in the same directory, fsync, rename over the old one
+        with open(tmp := os.path.join(args.out, f"{name}.tmp{os.getpid()}"), "wb") as f:
+            torch.save(ck, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(args.out, name))
+    return best
 
 
 # Arguments that may change when a run is resumed; any other difference is refused.
-RUNTIME_ARGS = {"resume", "overwrite", "device", "workers", "out", "save_every", "compile",
-                "channels_last", "amp", "eval_size"}
+RUNTIME_ARGS = {"resume", "overwrite", "device", "workers", "out", "compile", "channels_last", "amp", "eval_size"}
 
 
-def open_run(args, stateful):
-    """Start, or resume, the run in args.out. Returns (checkpoint or None, log file)."""
+def open_run(args, state):
+    """Start, or resume at its last finished epoch, the run in args.out: (first epoch, best so far).
+    `state`: what the checkpoint holds (objects with a state_dict, and tensors), restored in place."""
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "model.pt")
-    if args.resume is None and os.path.exists(path) and not args.overwrite:
+    log_path, src = os.path.join(args.out, "log.jsonl"), args.resume or os.path.join(args.out, "model.pt")
+    if args.resume is None and os.path.exists(src) and not args.overwrite:
         sys.exit(f"error: {args.out} holds a run; --resume to continue it, --overwrite to start over")
-    ck = None
-    if args.resume is not None:
-        src = args.resume or path
-        if not os.path.exists(src):
-            sys.exit(f"error: --resume: no checkpoint at {src}")
-        ck = load_checkpoint(src)
-        diff = sorted(k for k, v in ck.get("args", {}).items()
-                      if k not in RUNTIME_ARGS and getattr(args, k, v) != v)
-        if diff:
-            sys.exit(f"error: {src} was trained with other settings: {', '.join(diff)}")
-        for k, obj in stateful.items():
+    if args.resume is None:
+        if is_main():
+            open(log_path, "w").close()
+        return 0, None
+    if not os.path.isfile(src):
+        sys.exit(f"error: --resume: no checkpoint at {src}")
+    try:  # weights_only: a checkpoint is data; a pickle that would run code is refused
+        with warnings.catch_warnings(action="ignore"):  # torch's pickle-protocol warning would break the line
+            ck = torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        sys.exit(f"error: {src} is not a loadable checkpoint: not weights-only data (refused, nothing run)")
+    except Exception as e:  # a truncated or foreign file
+        sys.exit(f"error: {src} is not a loadable checkpoint ({type(e).__name__})")
+    diff = sorted(k for k, v in ck.get("args", {}).items() if k not in RUNTIME_ARGS and getattr(args, k, v) != v)
+    if diff:
+        sys.exit(f"error: {src} was trained with other settings: {', '.join(diff)}")
+    for k, obj in state.items():
+        if torch.is_tensor(obj):
+            obj.copy_(ck[k])
+        else:
             obj.load_state_dict(ck[k])
-    log_path = os.path.join(args.out, "log.jsonl")
-    lines = []
-    if ck is not None and os.path.exists(log_path):  # drop epochs the checkpoint does not hold
-        lines = [l for l in open(log_path) if json.loads(l)["epoch"] <= ck["epoch"]]
-    if is_main():
+    if is_main() and os.path.exists(log_path):  # keep the log lines of the epochs the checkpoint holds
+        lines = [line for line in open(log_path) if json.loads(line)["epoch"] <= ck["epoch"]]
         with open(log_path, "w") as f:
             f.writelines(lines)
-    return ck, log_path
+    return ck["epoch"], ck["best"]
 
 
 def is_main():
@@ -392,105 +406,27 @@ def is_main():
 
 
 def setup(args):
-    """Resolve the device, join the process group under torchrun, seed. Returns (world, rank)."""
+    """Resolve the device, join the process group under torchrun, seed the weights: (world, rank)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if world > 1:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         if args.device == "cuda":
             args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
             torch.cuda.set_device(args.device)
-    seed = args.seed + rank  # each rank draws its own random starts and Dirichlet noise
-    torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+    torch.manual_seed(args.seed)
     return world, rank
 
 
 def wrap(model, args, world):
     """(net, autocast, scaler): what the training forward runs through (DDP under torchrun,
     torch.compile if asked), the --amp autocast context and its GradScaler (fp16 only)."""
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     net = DistributedDataParallel(model) if world > 1 else model
     dtype = torch.float16 if args.amp == "fp16" else torch.bfloat16
     autocast = lambda: torch.autocast(args.device.split(":")[0], dtype, enabled=args.amp != "off")
     scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.amp == "fp16")
     return torch.compile(net) if args.compile else net, autocast, scaler
-
-
-def run(args, world, rank, data, stateful, step, stats, extra, eval_eps):
-    """The epoch loop both trainers share: resume, train, evaluate, log, checkpoint.
-    step(x, y, idx) trains on one batch and returns per-batch sums; stats() and extra() give
-    the method's log fields and checkpoint tensors."""
-    train_set, val_set, test_set = data
-    ck, log_path = open_run(args, stateful)
-    path, model = os.path.join(args.out, "model.pt"), stateful["model"]
-    epoch, skip, best, sums, n = 0, 0, None, {}, 0
-    if ck is not None:
-        epoch, skip, best, n = ck["epoch"], ck["batch"], ck["best"], ck["n"]
-        sums = {k: v.to(args.device) for k, v in ck["sums"].items()}
-        for k, v in extra().items():
-            v.copy_(ck[k])
-        if world == 1:  # exact continuation; under torchrun each rank re-seeds from (seed, rank, epoch)
-            set_rng_state(ck["rng"])
-        else:
-            torch.manual_seed(args.seed + rank + 1000 * epoch)
-    interrupted = []
-    signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
-
-    def save(p, epoch, batch):
-        if is_main():
-            save_checkpoint({"arch": args.arch, "num_classes": args.num_classes, "in_channels": args.in_channels,
-                             "image_size": args.image_size, "dataset": args.dataset, "method": METHOD,
-                             "args": vars(args), "epoch": epoch, "batch": batch, "best": best, "sums": sums,
-                             "n": n, "rng": rng_state(), **{k: v.state_dict() for k, v in stateful.items()},
-                             **{k: v.cpu() for k, v in extra().items()}}, p)
-
-    while epoch < args.epochs:
-        t0 = time.time()
-        for b, (x, y, idx) in enumerate(epoch_loader(train_set, args, epoch, world, rank, skip), skip):
-            x, y, idx = x.to(args.device, non_blocking=True), y.to(args.device), idx.to(args.device)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            for k, v in step(x, y, idx).items():
-                sums[k] = sums.get(k, 0) + v.detach().float()
-            n += len(y)
-            flags = torch.tensor([len(interrupted), not torch.isfinite(sums["loss"])], device=args.device)
-            if world > 1:
-                dist.all_reduce(flags, dist.ReduceOp.MAX)
-            if flags[1]:
-                sys.exit(f"error: non-finite loss at epoch {epoch + 1}, batch {b + 1}; "
-                         f"{path} keeps the last good state (epoch {epoch})")
-            if flags[0]:
-                save(path, epoch, b + 1)
-                sys.exit(f"interrupted at epoch {epoch + 1}, batch {b + 1}; saved {path}, --resume continues")
-        seconds = time.time() - t0
-        if world > 1:  # log the whole epoch, every rank's batches
-            for v in sums.values():
-                dist.all_reduce(v)
-            n *= world
-        rec = {"epoch": epoch + 1, "lr": stateful["optimizer"].param_groups[0]["lr"]}
-        stateful["scheduler"].step()
-        rec.update({f"train_{k.removesuffix('_correct')}_acc" if k.endswith("_correct") else f"train_{k}":
-                    v.item() / n for k, v in sums.items()})  # step() returns per-batch sums
-        if is_main():
-            rec["train_clean_acc"], rec["train_pgd_acc"] = accuracy(model, train_set, eval_eps, args, args.eval_size)
-            rec["test_clean_acc"], rec["test_pgd_acc"] = accuracy(model, test_set, eval_eps, args, args.eval_size)
-            if len(val_set):
-                rec["val_clean_acc"], rec["val_pgd_acc"] = accuracy(model, val_set, eval_eps, args, len(val_set))
-        rec.update(stats())
-        rec.update({"seconds": seconds, "images_per_s": n / seconds})
-        epoch, skip, sums, n = epoch + 1, 0, {}, 0
-        if is_main():
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)
-            if len(val_set) and (best is None or [rec["val_pgd_acc"], rec["val_clean_acc"]] > best):
-                best = [rec["val_pgd_acc"], rec["val_clean_acc"]]  # PGD accuracy first, clean breaks ties
-                save(os.path.join(args.out, "best.pt"), epoch, 0)
-            save(path, epoch, 0)
-            if args.save_every and epoch % args.save_every == 0:
-                save(os.path.join(args.out, f"model_epoch{epoch}.pt"), epoch, 0)
 
 
 if __name__ == "__main__":
