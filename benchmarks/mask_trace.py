@@ -47,8 +47,8 @@ def trace(opt, lr, a):
         if b == a.batches:
             break
     f.eval()
-    x, y = (torch.stack(t) for t in zip(*[val[i][:2] for i in range(len(val))]))
-    y = torch.as_tensor(y)
+    xs, ys = zip(*[val[i][:2] for i in range(len(val))])
+    x, y = torch.stack(xs), torch.tensor(ys)
     x_adv = attacks.pgd(f, x, y, 0.3, 0.015, 20, random_start=False)
     with torch.no_grad():
         acc = {"val_clean": (f(x).argmax(1) == y).float().mean().item(),

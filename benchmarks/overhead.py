@@ -58,12 +58,11 @@ def calibrated_step(flags, shape, common):
     args = train_calibrated.get_args([*common, *flags])
     args.num_classes, args.in_channels, args.image_size = 10, shape[0], shape[-1]
     model = get_model(args.arch, 10, shape[0], shape[-1]).to(args.device)
-    make_opt = lambda net: torch.optim.Adam(net.parameters(), args.lr, weight_decay=args.wd) \
-        if args.optimizer == "adam" else torch.optim.SGD(net.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
-    f_pair, autocast, scaler = train_calibrated.wrap(train_calibrated.NatAndCali(model), args, 1)
+    net, autocast, scaler = train_calibrated.wrap(model, args, 1)
     mask_net = None if args.no_mask else get_mask_net(args.mask_arch, shape[0]).to(args.device)
-    f_opt, g_opt = make_opt(model), mask_net and make_opt(mask_net)
-    return lambda x, y, idx: train_calibrated.train_step(model, mask_net, f_pair, mask_net, f_opt, g_opt, scaler,
+    f_opt = train_calibrated.make_optimizer(model, args.optimizer, args.lr, [], args)[0]
+    g_opt = mask_net and train_calibrated.make_optimizer(mask_net, args.mask_optimizer, args.mask_lr, [], args)[0]
+    return lambda x, y, idx: train_calibrated.train_step(model, mask_net, net, mask_net, f_opt, g_opt, scaler,
                                                          autocast, x, y, args)
 
 
