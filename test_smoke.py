@@ -805,7 +805,7 @@ def test_calibrated_lr_milestones_of_the_release(arch, expect):
     a = calibrated.get_args(["--arch", arch])
     assert calibrated.milestones(a, *calibrated.PAPER_SCHEDULE["wrn34_10" if arch == "wrn34_10" else "cifar"]) \
         == expect
-    a = calibrated.get_args(["--arch", arch, "--epochs", "14", "--milestones", "3,5"])
+    a = calibrated.get_args(["--arch", arch, "--epochs", "14", "--milestones", "3", "5"])
     assert calibrated.milestones(a, 140, (100, 120)) == [3, 5]               # --milestones wins
     assert calibrated.milestones(calibrated.get_args(["--dataset", "mnist", "--epochs", "4"]), 40, (30,)) == [3]
 

@@ -73,7 +73,6 @@ def calibrate(x, delta, mask):
 # the release's numbers are the paper's, and only this order makes --no-mask --no-weighted-ce
 # --attack kl the TRADES loss. Read literally, the paper's notation is the reverse KL.
 def kl(logits_cali, logits_ref):
-    """KL(P(.|ref) || P(.|x_cali)), batch mean."""
     return F.kl_div(F.log_softmax(logits_cali, 1), F.softmax(logits_ref, 1), reduction="batchmean")
 
 
@@ -158,8 +157,7 @@ def get_args(argv=None):
     a("--attack", choices=["pgd", "cw", "kl"], default="cw", help="phi of Eq. (9): CE (CAT_cent), "
       "C&W-inf margin (CAT_cw, Sec. 4.4) or TRADES' KL (Sec. 5.2.3)")
     a("--eps", type=fraction, help="training attack radius (Sec. 5.1.1: 8/255 on CIFAR-10, 0.3 on MNIST)")
-    a("--alpha", type=fraction, help="training attack step (Sec. 5.1.1: 2/255 on CIFAR-10; eps/20 on MNIST, "
-      "shown as None)")
+    a("--alpha", type=fraction, help="attack step (Sec. 5.1.1: 2/255 on CIFAR-10; eps/20 on MNIST, shown as None)")
     a("--steps", type=int, help="training attack steps T (Sec. 5.1.1: 10 on CIFAR-10, 20 on MNIST)")
     a("--kappa", type=float, help="C&W-inf confidence of --attack cw, which ascends min(margin, kappa) "
       "(release: 50 on CIFAR-10, 150 on MNIST)")
@@ -249,20 +247,13 @@ def fraction(s):
         raise argparse.ArgumentTypeError(f"not a number or fraction: {s!r}")
 
 
-def int_list(s):  # "30,35"; argparse reports a ValueError in one line
-    return [int(v) for v in s.split(",")]
-
-
-DATASETS = ("cifar10", "cifar100", "mnist", "svhn", "imagefolder", "fake-cifar10", "fake-mnist")
-
-
 def parse_args(p, argv):
     """Add the flags both trainers share to parser p, parse argv, check; errors in one line."""
     p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (see --help)\n")  # no usage dump
     a = p.add_argument
-    a("--milestones", type=int_list, help="epochs after which the lr is x0.1, e.g. 30,35 "
-      "(None = the paper's, scaled to --epochs)")
-    a("--dataset", default="cifar10", choices=DATASETS, help="fake-*: torchvision FakeData, offline")
+    a("--milestones", type=int, nargs="+", help="lr x0.1 after these epochs (None = the paper's, scaled to --epochs)")
+    a("--dataset", default="cifar10", help="fake-*: torchvision FakeData, offline",
+      choices=["cifar10", "cifar100", "mnist", "svhn", "imagefolder", "fake-cifar10", "fake-mnist"])
     a("--data-dir", default="./data", help="dataset root (torchvision downloads CIFAR/SVHN/MNIST here)")
     a("--train-size", type=int, help="use this many training images, a seeded subset (None = all)")
     a("--test-size", type=int, help="use this many test images (None = all)")
@@ -371,8 +362,7 @@ def epoch_means(sums, args, world):
 
 
 def accuracy(model, data, eps, args, n):
-    """Clean and PGD-10 accuracy (eval mode, CE, step eps/4, random start) on the first n points:
-    a cheap progress signal; the papers' evaluation is evaluate.py."""
+    """Clean and PGD-10 accuracy on the first n points: a progress signal; the papers' evaluation is evaluate.py."""
     model.eval()
     n, clean, robust = min(n, len(data)), 0, 0
     for x, y, _ in DataLoader(data, args.batch_size, sampler=range(n)):
@@ -415,18 +405,14 @@ def end_epoch(rec, model, data, state, best, eval_eps, args):
     return best
 
 
-# Arguments that may change when a run is resumed; any other difference is refused.
-RUNTIME_ARGS = {"resume", "overwrite", "device", "workers", "out", "compile", "channels_last", "amp", "eval_size"}
-
-
 def open_run(args, state):
     """Start, or resume at its last finished epoch, the run in args.out: (first epoch, best so far).
     `state`: what the checkpoint holds (objects with a state_dict, and tensors), restored in place."""
     os.makedirs(args.out, exist_ok=True)
     log_path, src = os.path.join(args.out, "log.jsonl"), args.resume or os.path.join(args.out, "model.pt")
-    if args.resume is None and os.path.exists(src) and not args.overwrite:
-        sys.exit(f"error: {args.out} holds a run; --resume to continue it, --overwrite to start over")
     if args.resume is None:
+        if os.path.exists(src) and not args.overwrite:
+            sys.exit(f"error: {args.out} holds a run; --resume to continue it, --overwrite to start over")
         if is_main():
             open(log_path, "w").close()
         return 0, None
@@ -439,7 +425,9 @@ def open_run(args, state):
         sys.exit(f"error: {src} is not a loadable checkpoint: not weights-only data (refused, nothing run)")
     except Exception as e:  # a truncated or foreign file
         sys.exit(f"error: {src} is not a loadable checkpoint ({type(e).__name__})")
-    diff = sorted(k for k, v in ck.get("args", {}).items() if k not in RUNTIME_ARGS and getattr(args, k, v) != v)
+    # arguments that may change when a run is resumed; any other difference is refused
+    runtime = {"resume", "overwrite", "device", "workers", "out", "compile", "channels_last", "amp", "eval_size"}
+    diff = sorted(k for k, v in ck.get("args", {}).items() if k not in runtime and getattr(args, k, v) != v)
     if diff:
         sys.exit(f"error: {src} was trained with other settings: {', '.join(diff)}")
     for k, obj in state.items():

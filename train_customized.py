@@ -128,22 +128,19 @@ def get_args(argv=None):
     a = p.add_argument
     a("--eta", type=fraction, default=0.005, help="eps_i increment per unfooled visit (Sec. 3.1; Sec. 5: 0.005)")
     a("--eps-max", type=fraction, default=8 / 255, help="cap on eps_i (Sec. 5: 8/255)")
-    a("--c", type=float, default=10.0, help="label-smoothing weight, alpha = c eps_i (Eq. 4; Sec. 5: 10); "
-      "0 = no label adaptation")
+    a("--c", type=float, default=10.0, help="label smoothing c eps_i (Eq. 4; Sec. 5: 10); 0 = no label adaptation")
     a("--beta", type=float, default=1.0, help="Dirichlet concentration (Eq. 4; Sec. 5: 1 = uniform on the simplex)")
     a("--kappa", type=float, default=10.0, help="floor -kappa of the C&W margin in the mixed loss (Eq. 6; Sec. 5: 10)")
     a("--loss", choices=["ce", "mix"], default="mix", help="CE on y~ (Eq. 5) or CE + C&W margin (Eq. 6, Tables 3-4)")
     a("--steps", type=int, default=10, help="PGD steps in training (Sec. 5: 10)")
     a("--alpha", type=float, default=0.25, help="PGD step as a fraction of each sample's radius; the paper gives none: "
       "0.25 x 10 steps = 2.5 radii (Madry et al.'s rule), 2/255 at radius 8/255")
-    a("--fixed-eps", action="store_true", help="every sample at eps_max, no eps adaptation "
-      "(Table 6 'Adv train', 'Adv+LS')")
-    a("--optimizer", choices=["sgd", "adam"], default="sgd", help="Sec. 5: SGD; adam only to compare with "
-      "Adam-trained baselines (benchmarks/mnist_table1.py)")
+    a("--fixed-eps", action="store_true", help="every eps_i = eps_max, no adaptation (Table 6 'Adv train', 'Adv+LS')")
+    a("--optimizer", choices=["sgd", "adam"], default="sgd", help="Sec. 5: SGD (adam: benchmarks/mnist_table1.py)")
     a("--lr", type=float, help="learning rate (Sec. 5: 0.1 for WRN, 0.01 for VGG-16; None = by --arch)")
     a("--momentum", type=float, default=0.9, help="SGD momentum (Sec. 5: 0.9)")
     a("--wd", type=float, default=5e-4, help="weight decay (Sec. 5: 5e-4)")
-    a("--epochs", type=int, default=PAPER_EPOCHS, help="epochs (Sec. 5: 200; lr x0.1 at 80/140/180, scaled to --epochs)")
+    a("--epochs", type=int, default=PAPER_EPOCHS, help="epochs (Sec. 5: 200, lr x0.1 at 80/140/180; see --milestones)")
     a("--batch-size", type=int, default=128, help="batch size per process (128, as Madry et al. and TRADES)")
     a("--arch", default="wrn34_10", choices=ARCHS, help="classifier (Table 4: WRN-34-10; Table 3: VGG-16)")
     args = parse_args(p, argv)
@@ -196,20 +193,13 @@ def fraction(s):
         raise argparse.ArgumentTypeError(f"not a number or fraction: {s!r}")
 
 
-def int_list(s):  # "30,35"; argparse reports a ValueError in one line
-    return [int(v) for v in s.split(",")]
-
-
-DATASETS = ("cifar10", "cifar100", "mnist", "svhn", "imagefolder", "fake-cifar10", "fake-mnist")
-
-
 def parse_args(p, argv):
     """Add the flags both trainers share to parser p, parse argv, check; errors in one line."""
     p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (see --help)\n")  # no usage dump
     a = p.add_argument
-    a("--milestones", type=int_list, help="epochs after which the lr is x0.1, e.g. 30,35 "
-      "(None = the paper's, scaled to --epochs)")
-    a("--dataset", default="cifar10", choices=DATASETS, help="fake-*: torchvision FakeData, offline")
+    a("--milestones", type=int, nargs="+", help="lr x0.1 after these epochs (None = the paper's, scaled to --epochs)")
+    a("--dataset", default="cifar10", help="fake-*: torchvision FakeData, offline",
+      choices=["cifar10", "cifar100", "mnist", "svhn", "imagefolder", "fake-cifar10", "fake-mnist"])
     a("--data-dir", default="./data", help="dataset root (torchvision downloads CIFAR/SVHN/MNIST here)")
     a("--train-size", type=int, help="use this many training images, a seeded subset (None = all)")
     a("--test-size", type=int, help="use this many test images (None = all)")
@@ -318,8 +308,7 @@ def epoch_means(sums, args, world):
 
 
 def accuracy(model, data, eps, args, n):
-    """Clean and PGD-10 accuracy (eval mode, CE, step eps/4, random start) on the first n points:
-    a cheap progress signal; the papers' evaluation is evaluate.py."""
+    """Clean and PGD-10 accuracy on the first n points: a progress signal; the papers' evaluation is evaluate.py."""
     model.eval()
     n, clean, robust = min(n, len(data)), 0, 0
     for x, y, _ in DataLoader(data, args.batch_size, sampler=range(n)):
@@ -362,18 +351,14 @@ def end_epoch(rec, model, data, state, best, eval_eps, args):
     return best
 
 
-# Arguments that may change when a run is resumed; any other difference is refused.
-RUNTIME_ARGS = {"resume", "overwrite", "device", "workers", "out", "compile", "channels_last", "amp", "eval_size"}
-
-
 def open_run(args, state):
     """Start, or resume at its last finished epoch, the run in args.out: (first epoch, best so far).
     `state`: what the checkpoint holds (objects with a state_dict, and tensors), restored in place."""
     os.makedirs(args.out, exist_ok=True)
     log_path, src = os.path.join(args.out, "log.jsonl"), args.resume or os.path.join(args.out, "model.pt")
-    if args.resume is None and os.path.exists(src) and not args.overwrite:
-        sys.exit(f"error: {args.out} holds a run; --resume to continue it, --overwrite to start over")
     if args.resume is None:
+        if os.path.exists(src) and not args.overwrite:
+            sys.exit(f"error: {args.out} holds a run; --resume to continue it, --overwrite to start over")
         if is_main():
             open(log_path, "w").close()
         return 0, None
@@ -386,7 +371,9 @@ def open_run(args, state):
         sys.exit(f"error: {src} is not a loadable checkpoint: not weights-only data (refused, nothing run)")
     except Exception as e:  # a truncated or foreign file
         sys.exit(f"error: {src} is not a loadable checkpoint ({type(e).__name__})")
-    diff = sorted(k for k, v in ck.get("args", {}).items() if k not in RUNTIME_ARGS and getattr(args, k, v) != v)
+    # arguments that may change when a run is resumed; any other difference is refused
+    runtime = {"resume", "overwrite", "device", "workers", "out", "compile", "channels_last", "amp", "eval_size"}
+    diff = sorted(k for k, v in ck.get("args", {}).items() if k not in runtime and getattr(args, k, v) != v)
     if diff:
         sys.exit(f"error: {src} was trained with other settings: {', '.join(diff)}")
     for k, obj in state.items():
