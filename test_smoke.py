@@ -429,6 +429,140 @@ def test_square_deterministic_for_fixed_seed(atk_toy):
     assert torch.equal(torch.get_rng_state(), state)  # its own generator: the global one is untouched
 
 
+def test_apgd_checkpoints_by_hand():
+    # p_0 = 0, p_1 = .22, then + max(p_j - p_{j-1} - .03, .06): +.19 = .41, +.16 = .57, +.13 = .70,
+    # +.10 = .80, +.07 = .87, +.06 = .93, +.06 = .99; the next, 1.05, is past the end.
+    assert attacks.apgd_checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]
+    assert attacks.apgd_checkpoints(1000) == [0, 220, 410, 570, 700, 800, 870, 930, 990]
+    # ceil(p_j * 10): 2.2 -> 3, 4.1 -> 5, 5.7 -> 6, 7, 8, 8.7 -> 9, 9.3 and 9.9 -> 10 (merged).
+    assert attacks.apgd_checkpoints(10) == [0, 3, 5, 6, 7, 8, 9, 10]
+
+
+def test_dlr_losses_hand_computation():
+    z = torch.tensor([[1., 4., 2., 0.], [3., 1., 0., -2.]])
+    y, target = torch.tensor([0, 0]), torch.tensor([2, 3])
+    # Row 0: sorted 4, 2, 1, 0: -(1 - 4) / (4 - 1) = 1; targeted at 2: -(1 - 2) / (4 - (1 + 0) / 2)
+    # = 2/7. Row 1 (correct): sorted 3, 1, 0, -2: -(3 - 1) / (3 - 0) = -2/3; targeted at 3:
+    # -(3 + 2) / (3 - (0 - 2) / 2) = -5/4.
+    assert torch.allclose(attacks.dlr_loss(z, y), torch.tensor([1., -2 / 3]))
+    assert torch.allclose(attacks.dlr_targeted_loss(z, y, target), torch.tensor([2 / 7, -5 / 4]))
+    # Shifting and scaling the logits changes neither (it would change CE).
+    assert torch.allclose(attacks.dlr_loss(3 * z - 7, y), attacks.dlr_loss(z, y))
+    assert torch.allclose(attacks.dlr_targeted_loss(3 * z - 7, y, target),
+                          attacks.dlr_targeted_loss(z, y, target))
+
+
+class _ApgdScripted(torch.nn.Module):
+    """Two-class logits (v, 0), v the k-th row of a scripted loss table at the k-th call (one per
+    sample): 1e-30 * sum(x) rounds away next to v >= 1 but gives every pixel a gradient of sign +1,
+    so the iterates move while the loss follows the script. Logs each call's input."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.script, self.inputs = script, []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        v = self.script[len(self.inputs) - 1] + 1e-30 * x.flatten(1).sum(1)
+        return torch.stack([v, torch.zeros_like(v)], 1)
+
+
+def test_apgd_step_size_halves_at_the_checkpoints_where_progress_stalls():
+    k = torch.arange(101.)
+    # Sample 0 stalls: x^(0) has the best loss, every later iterate a lower constant one, so no
+    # window has a rise (condition 1) and it halves at every checkpoint. Sample 1 rises at every
+    # step to w_1 = 22 (no halving there), then drops and rises 18 times in 19 steps, never back
+    # to the best: condition 1 fails (18 >= 0.75 * 19), condition 2 halves at w_2 = 41; then stalls.
+    stall = torch.where(k == 0, 2., 1.)
+    late = torch.where(k <= 22, 1 + k, torch.where(k <= 41, 1 + 0.1 * (k - 23), 1.))
+    model = _ApgdScripted(torch.stack([stall, late], 1))
+    x, y, eps = torch.full((2, 3), 0.5), torch.zeros(2, dtype=torch.long), torch.tensor([0.1, 0.05])
+    best, best_loss, adv, fooled, eta = attacks._apgd_run(model, x, y, eps[:, None], 100, lambda z, _: z[:, 0], x)
+    steps = k[1:, None]  # the step producing x^(k) uses the size set at the checkpoints before k
+    halvings = lambda checks: sum((steps > c).float() for c in checks)
+    expected = torch.cat([2 * 0.1 * 0.5 ** halvings([22, 41, 57, 70, 80, 87, 93, 99]),
+                          2 * 0.05 * 0.5 ** halvings([41, 57, 70, 80, 87, 93, 99])], 1)
+    assert torch.equal(eta, expected)
+    assert torch.equal(best_loss, torch.tensor([2., 23.])) and not fooled.any() and torch.equal(adv, x)
+    # x^(1) = x + eps (the 2 eps step, projected on the ball), where the iterates stay. At w_1 = 22
+    # sample 0 goes back to its best point x^(0) = x, so x^(23) = x^(22) + 0.75 (z - x^(22))
+    # + 0.25 (x^(22) - x^(21)) with z = x + eps (the halved step eps): 0.5 + 0.075 - 0.025 = 0.55.
+    # Sample 1's best point is x^(22), at the corner x + 0.05.
+    assert torch.allclose(model.inputs[1], torch.tensor([[0.6] * 3, [0.55] * 3]))
+    assert torch.allclose(model.inputs[23], torch.tensor([[0.55] * 3, [0.55] * 3]))
+    assert torch.allclose(best, torch.tensor([[0.5] * 3, [0.55] * 3]))
+
+
+def test_apgd_never_below_fgsm_by_construction_and_above_pgd_on_a_trained_model(atk_toy):
+    model, x, y = atk_toy
+    ce = lambda z, t: F.cross_entropy(z, t, reduction="none")
+    eps = 0.08
+    # By construction: started at x, APGD's first step 2 eps, projected on the ball and the box,
+    # is FGSM's point, and APGD returns its highest-loss iterate, so per sample it is never below
+    # FGSM (PGD with one step of eps). Up to float rounding of the momentum form of that step.
+    _, best_loss, *_ = attacks._apgd_run(model, x, y, eps, 10, ce, x)
+    x_fgsm = attacks.fgsm(model, x, y, eps)
+    with torch.no_grad():
+        assert (best_loss >= ce(model(x_fgsm), y) - 1e-6).all()
+    # Empirical, and robust here: at 10 steps each, APGD (random start) fools at least the points
+    # PGD (step eps / 4, as the training scripts) fools, and on the points neither fools its mean
+    # CE is higher (0.1186 vs 0.1160): PGD stops where 10 fixed steps reach, APGD keeps its best
+    # iterate. Per sample neither is guaranteed: PGD may end higher on a few points.
+    a, p = attacks.apgd(model, x, y, eps, steps=10), attacks.pgd(model, x, y, eps, eps / 4, 10, random_start=False)
+    with torch.no_grad():
+        (la, fa), (lp, fp) = ((ce(model(v), y), model(v).argmax(1) != y) for v in (a, p))
+    neither = ~fa & ~fp
+    assert (fa >= fp).all() and fa.sum() > fp.sum() and neither.sum() >= 16
+    assert la[neither].mean() > lp[neither].mean() + 1e-3
+
+
+@pytest.mark.parametrize("loss,targeted", [("ce", False), ("dlr", False), ("dlr", True)])
+def test_apgd_contract(atk_toy, loss, targeted):
+    model, x, y = atk_toy
+    # A fourth, never likely class for the targeted DLR loss (it needs four).
+    model = torch.nn.Sequential(copy.deepcopy(model), torch.nn.ConstantPad1d((0, 1), -10.0))
+    params = list(model.parameters())
+    preset = [torch.randn_like(p) for p in params]
+    eps = torch.tensor([0.0, 0.03, 0.06, 0.1]).repeat(len(x) // 4)
+    attack = lambda m, x_in, e=eps, seed=0: attacks.apgd(m, x_in, y, e, steps=12, loss=loss, targeted=targeted,
+                                                         n_targets=2, seed=seed)
+    for train, grads in [(True, [None] * len(params)), (False, preset)]:
+        model.train(train)
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        x_in = x.clone().requires_grad_(True)
+        state = torch.get_rng_state()
+        out = attack(model, x_in)
+        assert all(m.training == train for m in model.modules())
+        for p, g in zip(params, grads):
+            assert p.grad is None if g is None else torch.equal(p.grad, g)
+        assert x_in.grad is None and torch.equal(x_in.detach(), x)
+        assert out.shape == x.shape and out.dtype == x.dtype and not out.requires_grad and out.grad_fn is None
+        assert out.min() >= 0 and out.max() <= 1
+        assert ((out - x).flatten(1).abs().amax(1) <= eps + 1e-6).all() and torch.equal(out[eps == 0], x[eps == 0])
+        assert torch.equal(torch.get_rng_state(), state)  # its own generator
+    with torch.no_grad():
+        fooled = model(out).argmax(1) != y
+    assert 0 < fooled.sum() < (eps > 0).sum()  # the case has both kinds of point
+    assert torch.equal(attack(model, x), out) and not torch.equal(attack(model, x, seed=1), out)
+    # A [B] tensor of one value is the float.
+    assert torch.equal(attack(model, x, 0.06), attack(model, x, torch.full((len(x),), 0.06)))
+
+
+def test_apgd_targets_are_the_most_likely_other_classes(monkeypatch):
+    # logits = x: at x the other classes rank 4, 2, 3, 1; eps 0.01 fools no point, so every target
+    # gets its run, at most one per other class.
+    x, y = torch.tensor([[0.9, 0.1, 0.5, 0.3, 0.7]]), torch.tensor([0])
+    seen, loss = [], attacks.dlr_targeted_loss
+    monkeypatch.setattr(attacks, "dlr_targeted_loss", lambda z, t, c: seen.append(c.item()) or loss(z, t, c))
+    for n_targets, order in [(3, [4, 2, 3]), (9, [4, 2, 3, 1])]:
+        seen.clear()
+        attacks.apgd(torch.nn.Identity(), x, y, 0.01, steps=3, loss="dlr", targeted=True, n_targets=n_targets)
+        assert [c for i, c in enumerate(seen) if i % 4 == 0] == order and len(seen) == 4 * len(order)
+    for loss, targeted in [("ce", True), ("kl", False)]:
+        with pytest.raises(ValueError, match="valid 'ce' or 'dlr'"):
+            attacks.apgd(torch.nn.Identity(), x, y, 0.01, loss=loss, targeted=targeted)
+
 # ---------------------------------------------------------------- train_customized.py
 import train_customized as customized  # noqa: E402  (importable: nothing runs at import)
 
