@@ -1047,6 +1047,21 @@ def test_eval_speed_flags_give_the_same_numbers(eval_toy, capsys):
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
+def test_eval_calibrated_cw_has_no_random_start(eval_toy):
+    """Paper 002, Sec. 5.1.1 and footnote 2: C&W-inf without a random start, so the seed cannot
+    change it, and it is exactly attacks.pgd from x."""
+    model, data = eval_toy
+    cw = next(s for s in evaluate.protocol_attacks(eval_args(), True)[0] if s["name"] == "cw")
+    assert cw["random_start"] is False and (cw["steps"], cw["kappa"], cw["alpha"]) == (30, 50.0, 0.015)
+    x, y = data.tensors
+    runs = [evaluate.run_attack(cw, model, model, data, torch.arange(len(y)), eval_args("--seed", s))[0]
+            for s in ("0", "1")]
+    x_adv = attacks.pgd(model, x, y, 0.1, 0.015, 30, "cw", False, kappa=50.0)
+    with torch.no_grad():
+        expected = model(x_adv).argmax(1) == y
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], expected)
+
+
 def test_eval_flags_planted_gradient_masking(eval_toy):
     model, data = eval_toy
     args = eval_args("--square-queries", "100")
