@@ -967,7 +967,8 @@ def test_eval_cli_on_trained_checkpoint(script, protocol, tmp_path):
     proc = run_cli("evaluate.py", "--ckpt", ck_path, *EVAL_QUICK, "--eps", "0.05", "--attack-all")
     with open(os.path.join(out, f"model_eval_{protocol}.json")) as f:  # default: next to the checkpoint
         rep = json.load(f)
-    names = {"customized": ["pgd100", "cw100", "deepfool"], "calibrated": ["pgd20", "pgd100", "cw", "fgsm", "square"]}
+    names = {"customized": ["pgd100", "cw100", "deepfool", "apgd-ce", "apgd-t"],
+             "calibrated": ["pgd20", "pgd100", "cw", "fgsm", "apgd-ce", "apgd-t", "square"]}
     assert rep["protocol"] == protocol  # the default is the checkpoint's method
     assert [r["name"] for r in rep["attacks"]] == names[protocol]
     import hashlib
@@ -1014,7 +1015,9 @@ def test_eval_shortcut_gives_the_same_worst_case(eval_toy):
 
 def test_eval_any_attack_is_the_per_sample_worst_case(eval_toy):
     model, data = eval_toy
-    nat, robust, results, _ = eval_run(model, data, eval_args("--attack-all", "--square-queries", "100"))
+    # The paper's attacks; with APGD: test_eval_apgd_columns_added_marked_and_dropped_by_paper_only.
+    args = eval_args("--attack-all", "--square-queries", "100", "--paper-only")
+    nat, robust, results, _ = eval_run(model, data, args)
     assert [r["name"] for r in results] == ["pgd20", "pgd100", "cw", "fgsm", "square"]
     accs = [r["accuracy"] for r in results]
     assert robust.float().mean().item() <= min(accs) <= max(accs) <= nat.float().mean().item()
@@ -1025,7 +1028,7 @@ def test_eval_any_attack_is_the_per_sample_worst_case(eval_toy):
 
 def test_eval_deterministic_for_a_fixed_seed(eval_toy):
     model, data = eval_toy
-    args = eval_args("--attacks", "cw,square", "--square-queries", "50")  # random starts, random search
+    args = eval_args("--attacks", "apgd-ce,square", "--square-queries", "50")  # random starts, random search
     a, b = eval_run(model, data, args), eval_run(model, data, args)
     assert torch.equal(a[1], b[1]) and [r["accuracy"] for r in a[2]] == [r["accuracy"] for r in b[2]]
 
@@ -1045,6 +1048,40 @@ def test_eval_speed_flags_give_the_same_numbers(eval_toy, capsys):
     with pytest.raises(SystemExit) as e:  # and --amp, CUDA only, is one line on the CPU
         evaluate.get_args(["--ckpt", "x", "--amp", "--device", "cpu"])
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_eval_apgd_columns_added_marked_and_dropped_by_paper_only(eval_toy, capsys):
+    model, data = eval_toy
+    for protocol, paper in (("calibrated", ["pgd20", "pgd100", "cw", "fgsm", "square"]),
+                            ("customized", ["pgd100", "cw100", "deepfool"])):
+        specs, _ = evaluate.protocol_attacks(eval_args(protocol=protocol), mnist_like=True)
+        names = [s["name"] for s in specs]
+        # After the paper's white-box attacks, before Square: the worst case Square is judged against.
+        added = ["apgd-ce", "apgd-t"]
+        assert names == (paper[:-1] + added + ["square"] if "square" in paper else paper + added)
+        apgd = {s["name"]: s for s in specs if s.get("added")}
+        assert apgd["apgd-ce"] == dict(name="apgd-ce", kind="apgd", added=True, eps=0.1, steps=100, loss="ce",
+                                       targeted=False, n_targets=0, restarts=1, rho=0.75)
+        assert apgd["apgd-t"] == {**apgd["apgd-ce"], "name": "apgd-t", "loss": "dlr", "targeted": True, "n_targets": 9}
+        specs, _ = evaluate.protocol_attacks(eval_args("--paper-only", protocol=protocol), mnist_like=True)
+        assert [s["name"] for s in specs] == paper
+    specs, _ = evaluate.protocol_attacks(eval_args("--steps", "3"), True)
+    assert [s["steps"] for s in specs if s.get("added")] == [3, 3]  # --steps: quick runs
+    # Each attack alone (--attack-all): the any-attack column is at or below every column.
+    args = eval_args("--attack-all", "--steps", "10", "--square-queries", "20")
+    nat, robust, results, flags = eval_run(model, data, args)
+    any_attack = robust.float().mean().item()
+    assert all(any_attack <= r["accuracy"] for r in results) and any_attack < nat.float().mean().item()
+    report = {"natural": nat.float().mean().item(), "attacks": results, "any_attack": any_attack,
+              "attack_all": True, "flags": flags}
+    capsys.readouterr()
+    evaluate.print_table("model", report)
+    header, *_, footnote = capsys.readouterr().out.splitlines()[:4]
+    assert header.split() == ["natural", "pgd20", "pgd100", "cw", "fgsm", "apgd-ce*", "apgd-t*", "square", "any",
+                              "attack"]
+    assert footnote.startswith("* added, not in the paper's protocol")
+    evaluate.print_table("model", {**report, "attacks": [r for r in results if not r["settings"].get("added")]})
+    assert "*" not in capsys.readouterr().out
 
 
 def test_eval_calibrated_cw_has_no_random_start(eval_toy):
