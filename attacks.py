@@ -161,8 +161,8 @@ def apgd(model, x, y, eps, steps=100, loss="ce", targeted=False, n_targets=9, re
     other than y at x, k = 1..n_targets). No step size to tune: it starts at 2 eps and halves at
     the checkpoints `apgd_checkpoints(steps)` where the loss stalls.
 
-    eps: a float or a per-sample tensor of shape [B]. Each restart starts at a uniform random point
-    of the ball drawn from a generator seeded with `seed` (the global RNG is untouched). A point
+    eps: a float or a per-sample tensor of shape [B]. Each run starts at a uniform random point of
+    the ball, drawn from a generator seeded with `seed` (the global RNG is untouched). A point
     misclassified at x is returned unchanged; the others are attacked by every run (restart,
     target) until one fools the model. Per sample it returns the first point that fooled the
     model, else the point of highest loss over all runs (each run's own objective).
