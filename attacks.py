@@ -1,4 +1,4 @@
-"""L-inf attacks on a batch: C&W margin, FGSM, PGD, Square, DeepFool.
+"""L-inf attacks on a batch: C&W margin, FGSM, PGD, APGD (and its DLR losses), Square, DeepFool.
 
 Each function needs only torch. None changes the model's train/eval mode (the caller chooses:
 eval for evaluation; the training scripts say which they use), none accumulates gradients into
@@ -84,6 +84,116 @@ def pgd(model, x, y, eps, alpha, steps, loss="ce", random_start=True, restarts=1
 def fgsm(model, x, y, eps, loss="ce", kappa=float("inf"), clip=(0.0, 1.0)):
     """FGSM (Goodfellow et al. 2015): one signed-gradient step of size eps from x."""
     return pgd(model, x, y, eps, eps, 1, loss=loss, random_start=False, kappa=kappa, clip=clip)
+
+
+def dlr_loss(logits, y):
+    """Per-sample DLR loss (Croce & Hein 2020): -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3),
+    z_pi1 >= z_pi2 >= ... the sorted logits: the margin in units of the logits' spread, so that
+    shifting or scaling the logits does not change it (a saturated CE does). Needs 3 classes."""
+    top = logits.sort(1, descending=True).values
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return -(true - other) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def dlr_targeted_loss(logits, y, target):
+    """Per-sample targeted DLR loss (Croce & Hein 2020), ascended to push y below `target`:
+    -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2). Needs 4 classes."""
+    top = logits.sort(1, descending=True).values
+    pick = lambda c: logits.gather(1, c[:, None]).squeeze(1)
+    return -(pick(y) - pick(target)) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + 1e-12)
+
+
+def apgd_checkpoints(steps):
+    """APGD's checkpoints w_j = ceil(p_j * steps) (Croce & Hein 2020): p_0 = 0,
+    p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), while p_j <= 1. In integer
+    hundredths: in floats 0.22 + 0.19 + 0.16 exceeds 0.57, and ceil would move w_3 to 58."""
+    p = [0, 22]
+    while p[-1] + max(p[-1] - p[-2] - 3, 6) <= 100:
+        p.append(p[-1] + max(p[-1] - p[-2] - 3, 6))
+    return sorted({-(-q * steps // 100) for q in p})  # a short run merges repeated checkpoints
+
+
+def _apgd_run(model, x, y, eps, steps, loss_fn, x_adv, rho=0.75, clip=(0.0, 1.0)):
+    """One APGD run (Croce & Hein 2020, Alg. 1) from x_adv (eps: a float or a [B, 1, ...] tensor):
+    (highest-loss point per sample, its loss, first point that fooled the model (else x), fooled
+    mask, step size of each step [steps, B]). Each x^(k), k = 0..steps: one forward and backward."""
+    def loss_grad(x_in):
+        x_in = x_in.clone().requires_grad_(True)
+        logits = model(x_in)
+        loss = loss_fn(logits, y)
+        grad, = torch.autograd.grad(loss.sum(), x_in)  # sum: each sample's gradient is its own
+        return loss.detach(), grad, logits.argmax(1) != y
+
+    shape = (-1, *[1] * (x.dim() - 1))
+    eta = torch.ones(len(x), device=x.device, dtype=x.dtype).view(shape) * 2 * eps  # step 2 eps
+    loss, grad, fooled = loss_grad(x_adv)
+    best, best_loss, best_grad = x_adv.clone(), loss.clone(), grad.clone()
+    adv, done = torch.where(fooled.view(shape), x_adv, x), fooled.clone()
+    checks, x_prev, trace = apgd_checkpoints(steps), x_adv, []
+    # Per sample since the last checkpoint: how many steps raised the loss, whether that
+    # checkpoint halved the step size, and the best loss there (conditions 1 and 2).
+    rises, halved, best_at_check = torch.zeros_like(loss), torch.zeros_like(fooled), loss.clone()
+    for k in range(1, steps + 1):
+        a = 1.0 if k == 1 else 0.75  # momentum from the second step on
+        z = _project(x_adv + eta * grad.sign(), x, eps, clip)
+        x_prev, x_adv = x_adv, _project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev), x, eps, clip)
+        trace.append(eta.flatten())
+        new_loss, grad, fooled = loss_grad(x_adv)
+        rises += new_loss > loss
+        loss = new_loss
+        up = loss > best_loss
+        best[up], best_loss[up], best_grad[up] = x_adv[up], loss[up], grad[up]
+        adv[fooled & ~done] = x_adv[fooled & ~done]
+        done |= fooled
+        if k in checks[1:]:
+            window = k - checks[checks.index(k) - 1]
+            halve = (rises < rho * window) | (~halved & (best_loss <= best_at_check))
+            # Halve, and go on from the best point (its gradient too), as Alg. 1 does.
+            h = halve.view(shape)
+            eta, x_adv = torch.where(h, eta / 2, eta), torch.where(h, best, x_adv)
+            grad, loss = torch.where(h, best_grad, grad), torch.where(halve, best_loss, loss)
+            rises, halved, best_at_check = torch.zeros_like(rises), halve, best_loss.clone()
+    return best.detach(), best_loss, adv.detach(), done, torch.stack(trace)
+
+
+def apgd(model, x, y, eps, steps=100, loss="ce", targeted=False, n_targets=9, restarts=1, rho=0.75,
+         seed=0, clip=(0.0, 1.0)):
+    """L-inf Auto-PGD (Croce & Hein 2020): APGD-CE (loss="ce"), APGD-DLR (loss="dlr") or, with
+    targeted=True, APGD-T (targeted DLR loss, one run per target: the k-th most likely class
+    other than y at x, k = 1..n_targets). No step size to tune: it starts at 2 eps and halves at
+    the checkpoints `apgd_checkpoints(steps)` where the loss stalls.
+
+    eps: a float or a per-sample tensor of shape [B]. Each run starts at a uniform random point of
+    the ball, drawn from a generator seeded with `seed` (the global RNG is untouched). A point
+    misclassified at x is returned unchanged; the others are attacked by every run (restart,
+    target) until one fools the model. Per sample it returns the first point that fooled the
+    model, else the point of highest loss over all runs (each run's own objective).
+    """
+    if loss not in ("ce", "dlr") or targeted and loss != "dlr":
+        raise ValueError(f"loss {loss!r}: valid 'ce' or 'dlr'; APGD-T (targeted) ascends the targeted DLR: 'dlr'")
+    gen = torch.Generator().manual_seed(seed)
+    x, eps = x.detach(), _per_sample(eps, x)
+    with torch.no_grad():
+        logits = model(x)
+    out, fooled = x.clone(), logits.argmax(1) != y
+    best_loss = torch.full((len(x),), float("-inf"), device=x.device)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).argsort(1, descending=True)
+    for k in range(min(n_targets, logits.shape[1] - 1) if targeted else 1):
+        for _ in range(restarts):
+            idx = (~fooled).nonzero().squeeze(1)
+            if len(idx) == 0:
+                return out
+            xi, yi, ei, target = x[idx], y[idx], eps[idx] if torch.is_tensor(eps) else eps, others[idx, k]
+            loss_fn = (lambda z, t: dlr_targeted_loss(z, t, target)) if targeted else dlr_loss \
+                if loss == "dlr" else (lambda z, t: F.cross_entropy(z, t, reduction="none"))
+            start = _project(xi + (torch.rand(xi.shape, generator=gen).to(x) * 2 - 1) * ei, xi, ei, clip)
+            top, top_loss, adv, done, _ = _apgd_run(model, xi, yi, ei, steps, loss_fn, start, rho, clip)
+            take = done | (top_loss > best_loss[idx])
+            out[idx[take]] = torch.where(done.view(-1, *[1] * (x.dim() - 1)), adv, top)[take]
+            best_loss[idx] = torch.max(best_loss[idx], top_loss)
+            fooled[idx] = done
+    return out
 
 
 def _p_selection(p_init, it, n_queries):

@@ -8,18 +8,24 @@ The model is rebuilt from the checkpoint's arch and dataset and attacked in eval
 split; every eps is in pixel units. Attacks, by the names --attacks takes, in run order:
 
   calibrated  paper 002, Sec. 5.1.1: pgd20, pgd100 (CE, step 0.003), cw (C&W-inf, eps 0.031, step
-              0.003, 30 steps, kappa 50), all with no random start (Sec. 5.1.1, footnote 2), fgsm,
-              square (5000 queries) at 8/255; on 1-channel (MNIST-like) data eps 0.3, step 0.015.
+              0.003, 30 steps, kappa 50), fgsm, none with a random start (Sec. 5.1.1, footnote 2),
+              [apgd-ce, apgd-t], square (5000 queries) at 8/255; on 1-channel (MNIST-like) data eps
+              0.3 and step 0.015 for all.
   customized  paper 000, Sec. 5, Table 3: pgd100, cw100 (kappa 50), --full: pgd1000x20, cw1000x20
               (20 restarts), all step eps/5 with random starts; deepfool, robust where its minimal
-              L-inf perturbation exceeds eps, last as the costliest. 8/255 (MNIST-like: 0.3).
+              L-inf perturbation exceeds eps, last as the costliest; [apgd-ce, apgd-t]. 8/255
+              (MNIST-like: 0.3).
+  [added]     not in either paper, marked * in the table, dropped by --paper-only: apgd-ce and
+              apgd-t (Croce & Hein 2020, AutoAttack's settings: 100 steps, 1 restart, APGD-T on the
+              9 most likely other classes), so that "any attack" is a worst case to quote: fixed-step
+              PGD can be several points too weak.
   default     the protocol of the paper whose method trained the checkpoint (its "method");
               calibrated where it records none. Both: sanity, and autoattack with --autoattack.
 
 Worst case per sample: each attack runs only on the points still correct after natural and every
 earlier attack, so a column is the accuracy under that attack and those to its left, and the last,
 "any attack", is what attacking every point with every attack gives, at a fraction of the cost
-(exactly, for attacks without randomness; cw's random starts and square's search draw per batch).
+(exactly, for attacks without randomness; random starts and square's search draw per batch).
 --attack-all attacks every naturally correct point with every attack: each column is then that
 attack alone, as in the papers' tables.
 
@@ -54,7 +60,7 @@ import models
 
 CK_KEYS = ("model", "arch", "num_classes", "in_channels", "image_size", "dataset")
 FAKE_SHAPES = {"fake-mnist": (1, 28, 28), "fake-cifar10": (3, 32, 32)}
-WHITE_BOX = ("pgd20", "pgd100", "cw", "fgsm", "cw100", "pgd1000x20", "cw1000x20")
+WHITE_BOX = ("pgd20", "pgd100", "cw", "fgsm", "cw100", "pgd1000x20", "cw1000x20", "apgd-ce", "apgd-t")
 
 
 def fail(msg):
@@ -155,25 +161,34 @@ def protocol_attacks(args, mnist_like):
         return dict(name=name, kind="pgd", eps=eps, alpha=alpha, steps=steps, loss=loss, kappa=kappa,
                     random_start=random_start, restarts=restarts)
     eps = args.eps if args.eps is not None else 0.3 if mnist_like else 8 / 255
-    if args.protocol == "calibrated":  # paper 002, Sec. 5.1.1: no random start
+    # Added, not the papers': AutoAttack's APGD-CE and APGD-T (100 steps, 1 restart, 9 targets).
+    added = [] if args.paper_only else [
+        dict(name="apgd-ce", kind="apgd", added=True, eps=eps, steps=100, loss="ce", targeted=False, n_targets=0,
+             restarts=1, rho=0.75),
+        dict(name="apgd-t", kind="apgd", added=True, eps=eps, steps=100, loss="dlr", targeted=True, n_targets=9,
+             restarts=1, rho=0.75)]
+    if args.protocol == "calibrated":  # paper 002, Sec. 5.1.1 and its footnote 2: no random start
         alpha = 0.015 if mnist_like else 0.003
         cw_eps = args.eps if args.eps is not None else 0.3 if mnist_like else 0.031
         specs = [pgd("pgd20", eps, alpha, 20, random_start=False), pgd("pgd100", eps, alpha, 100, random_start=False),
-                 pgd("cw", cw_eps, alpha, 30, "cw", random_start=False, kappa=50.0), dict(name="fgsm", kind="fgsm", eps=eps),
+                 pgd("cw", cw_eps, alpha, 30, "cw", random_start=False, kappa=50.0),
+                 dict(name="fgsm", kind="fgsm", eps=eps), *added,  # the white-box worst case before Square
                  dict(name="square", kind="square", eps=eps, n_queries=args.square_queries, p_init=0.8)]
     else:  # paper 000, Sec. 5: step eps/5; it gives no kappa, so paper 002's
         specs = [pgd("pgd100", eps, eps / 5, 100), pgd("cw100", eps, eps / 5, 100, "cw", kappa=50.0)]
         if args.full:
             specs += [pgd("pgd1000x20", eps, eps / 5, 1000, restarts=20),
                       pgd("cw1000x20", eps, eps / 5, 1000, "cw", restarts=20, kappa=50.0)]
-        specs.append(dict(name="deepfool", kind="deepfool", eps=eps, steps=50, overshoot=0.02))
+        specs += [dict(name="deepfool", kind="deepfool", eps=eps, steps=50, overshoot=0.02), *added]
     if args.autoattack:
         specs.append(dict(name="autoattack", kind="autoattack", eps=eps, version="standard"))
     for s in specs:  # --steps / --restarts for quick or stronger runs
-        if s["kind"] == "pgd" and args.steps:
+        if s["kind"] in ("pgd", "apgd") and args.steps:
             s["steps"] = args.steps
         if s["kind"] == "pgd" and args.restarts:
             s["restarts"], s["random_start"] = args.restarts, s["random_start"] or args.restarts > 1
+        if s["kind"] == "apgd" and args.restarts:
+            s["restarts"] = args.restarts
     # At eps 0.5 an honest model falls to ~0; margin loss, as CE saturates; 2 eps of travel in all.
     steps = args.steps or 20
     specs.append(pgd("sanity", 0.5, 1.0 / steps, steps, "cw", random_start=False))
@@ -198,6 +213,9 @@ def survives(spec, source, model, x, y, seed):
                             float("inf") if spec["kappa"] is None else spec["kappa"])
     elif kind == "fgsm":
         x_adv = attacks.fgsm(source, x, y, spec["eps"])
+    elif kind == "apgd":
+        x_adv = attacks.apgd(source, x, y, spec["eps"], spec["steps"], spec["loss"], spec["targeted"],
+                             spec["n_targets"], spec["restarts"], spec["rho"], seed)
     elif kind == "square":
         x_adv = attacks.square(source, x, y, spec["eps"], spec["n_queries"], spec["p_init"], seed)
     elif kind == "deepfool":  # one backward per class (retain_graph): the eager model, as
@@ -277,13 +295,15 @@ def masking_flags(results, sanity, n):
 
 
 def print_table(label, report):
-    cols = ["natural", *[r["name"] for r in report["attacks"]], "any attack"]
+    cols = ["natural", *[r["name"] + "*" * bool(r["settings"].get("added")) for r in report["attacks"]], "any attack"]
     accs = [report["natural"], *[r["accuracy"] for r in report["attacks"]], report["any_attack"]]
     widths = [max(len(c), 6) for c in cols]
     print(" " * len(label) + "".join(f"  {c:>{w}}" for c, w in zip(cols, widths)))
     print(label + "".join(f"  {100 * a:>{w}.2f}" for a, w in zip(accs, widths)))
     print("accuracy (%) under each attack alone" if report["attack_all"] else
           "accuracy (%) under each attack and every attack to its left (--attack-all: each alone)")
+    if any(r["settings"].get("added") for r in report["attacks"]):
+        print("* added, not in the paper's protocol (--paper-only drops it)")
     for name, f in report["flags"].items():
         print(f"  {'FLAG' if f['raised'] else 'ok' if f['raised'] is not None else '-':<4}  {name}: {f['detail']}")
 
@@ -296,9 +316,10 @@ def get_args(argv=None):
     a("--protocol", choices=["calibrated", "customized"], default=None, help="default: the checkpoint's method")
     a("--attacks", default=None, help="comma-separated subset of the protocol's attacks, e.g. pgd20,square,sanity")
     a("--full", action="store_true", help="customized: add Table 3's 20-restart x 1000-step PGD and C&W")
+    a("--paper-only", action="store_true", help="drop the added attacks (apgd-ce, apgd-t): the paper's protocol alone")
     a("--eps", type=fraction, default=None, help="every attack's eps (not the sanity check's), e.g. 8/255")
-    a("--steps", type=int, default=None, help="the steps of every PGD and C&W attack and the sanity check")
-    a("--restarts", type=int, default=None, help="the restarts of every PGD and C&W attack (> 1: random starts)")
+    a("--steps", type=int, default=None, help="the steps of every PGD, C&W and APGD attack and the sanity check")
+    a("--restarts", type=int, default=None, help="the restarts of every PGD, C&W and APGD attack (> 1: random starts)")
     a("--square-queries", type=int, default=5000, help="Square's queries per point (paper 002: 5000)")
     a("--n-examples", type=int, default=None, help="evaluate the first N test examples (default: all)")
     a("--batch-size", type=int, default=128)

@@ -441,6 +441,140 @@ def test_square_deterministic_for_fixed_seed(atk_toy):
     assert torch.equal(torch.get_rng_state(), state)  # its own generator: the global one is untouched
 
 
+def test_apgd_checkpoints_by_hand():
+    # p_0 = 0, p_1 = .22, then + max(p_j - p_{j-1} - .03, .06): +.19 = .41, +.16 = .57, +.13 = .70,
+    # +.10 = .80, +.07 = .87, +.06 = .93, +.06 = .99; the next, 1.05, is past the end.
+    assert attacks.apgd_checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]
+    assert attacks.apgd_checkpoints(1000) == [0, 220, 410, 570, 700, 800, 870, 930, 990]
+    # ceil(p_j * 10): 2.2 -> 3, 4.1 -> 5, 5.7 -> 6, 7, 8, 8.7 -> 9, 9.3 and 9.9 -> 10 (merged).
+    assert attacks.apgd_checkpoints(10) == [0, 3, 5, 6, 7, 8, 9, 10]
+
+
+def test_dlr_losses_hand_computation():
+    z = torch.tensor([[1., 4., 2., 0.], [3., 1., 0., -2.]])
+    y, target = torch.tensor([0, 0]), torch.tensor([2, 3])
+    # Row 0: sorted 4, 2, 1, 0: -(1 - 4) / (4 - 1) = 1; targeted at 2: -(1 - 2) / (4 - (1 + 0) / 2)
+    # = 2/7. Row 1 (correct): sorted 3, 1, 0, -2: -(3 - 1) / (3 - 0) = -2/3; targeted at 3:
+    # -(3 + 2) / (3 - (0 - 2) / 2) = -5/4.
+    assert torch.allclose(attacks.dlr_loss(z, y), torch.tensor([1., -2 / 3]))
+    assert torch.allclose(attacks.dlr_targeted_loss(z, y, target), torch.tensor([2 / 7, -5 / 4]))
+    # Shifting and scaling the logits changes neither (it would change CE).
+    assert torch.allclose(attacks.dlr_loss(3 * z - 7, y), attacks.dlr_loss(z, y))
+    assert torch.allclose(attacks.dlr_targeted_loss(3 * z - 7, y, target),
+                          attacks.dlr_targeted_loss(z, y, target))
+
+
+class _ApgdScripted(torch.nn.Module):
+    """Two-class logits (v, 0), v the k-th row of a scripted loss table at the k-th call (one per
+    sample): 1e-30 * sum(x) rounds away next to v >= 1 but gives every pixel a gradient of sign +1,
+    so the iterates move while the loss follows the script. Logs each call's input."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.script, self.inputs = script, []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        v = self.script[len(self.inputs) - 1] + 1e-30 * x.flatten(1).sum(1)
+        return torch.stack([v, torch.zeros_like(v)], 1)
+
+
+def test_apgd_step_size_halves_at_the_checkpoints_where_progress_stalls():
+    k = torch.arange(101.)
+    # Sample 0 stalls: x^(0) has the best loss, every later iterate a lower constant one, so no
+    # window has a rise (condition 1) and it halves at every checkpoint. Sample 1 rises at every
+    # step to w_1 = 22 (no halving there), then drops and rises 18 times in 19 steps, never back
+    # to the best: condition 1 fails (18 >= 0.75 * 19), condition 2 halves at w_2 = 41; then stalls.
+    stall = torch.where(k == 0, 2., 1.)
+    late = torch.where(k <= 22, 1 + k, torch.where(k <= 41, 1 + 0.1 * (k - 23), 1.))
+    model = _ApgdScripted(torch.stack([stall, late], 1))
+    x, y, eps = torch.full((2, 3), 0.5), torch.zeros(2, dtype=torch.long), torch.tensor([0.1, 0.05])
+    best, best_loss, adv, fooled, eta = attacks._apgd_run(model, x, y, eps[:, None], 100, lambda z, _: z[:, 0], x)
+    steps = k[1:, None]  # the step producing x^(k) uses the size set at the checkpoints before k
+    halvings = lambda checks: sum((steps > c).float() for c in checks)
+    expected = torch.cat([2 * 0.1 * 0.5 ** halvings([22, 41, 57, 70, 80, 87, 93, 99]),
+                          2 * 0.05 * 0.5 ** halvings([41, 57, 70, 80, 87, 93, 99])], 1)
+    assert torch.equal(eta, expected)
+    assert torch.equal(best_loss, torch.tensor([2., 23.])) and not fooled.any() and torch.equal(adv, x)
+    # x^(1) = x + eps (the 2 eps step, projected on the ball), where the iterates stay. At w_1 = 22
+    # sample 0 goes back to its best point x^(0) = x, so x^(23) = x^(22) + 0.75 (z - x^(22))
+    # + 0.25 (x^(22) - x^(21)) with z = x + eps (the halved step eps): 0.5 + 0.075 - 0.025 = 0.55.
+    # Sample 1's best point is x^(22), at the corner x + 0.05.
+    assert torch.allclose(model.inputs[1], torch.tensor([[0.6] * 3, [0.55] * 3]))
+    assert torch.allclose(model.inputs[23], torch.tensor([[0.55] * 3, [0.55] * 3]))
+    assert torch.allclose(best, torch.tensor([[0.5] * 3, [0.55] * 3]))
+
+
+def test_apgd_never_below_fgsm_by_construction_and_above_pgd_on_a_trained_model(atk_toy):
+    model, x, y = atk_toy
+    ce = lambda z, t: F.cross_entropy(z, t, reduction="none")
+    eps = 0.08
+    # By construction: started at x, APGD's first step 2 eps, projected on the ball and the box,
+    # is FGSM's point, and APGD returns its highest-loss iterate, so per sample it is never below
+    # FGSM (PGD with one step of eps). Up to float rounding of the momentum form of that step.
+    _, best_loss, *_ = attacks._apgd_run(model, x, y, eps, 10, ce, x)
+    x_fgsm = attacks.fgsm(model, x, y, eps)
+    with torch.no_grad():
+        assert (best_loss >= ce(model(x_fgsm), y) - 1e-6).all()
+    # Empirical, and robust here: at 10 steps each, APGD (random start) fools at least the points
+    # PGD (step eps / 4, as the training scripts) fools, and on the points neither fools its mean
+    # CE is higher (0.1186 vs 0.1160): PGD stops where 10 fixed steps reach, APGD keeps its best
+    # iterate. Per sample neither is guaranteed: PGD may end higher on a few points.
+    a, p = attacks.apgd(model, x, y, eps, steps=10), attacks.pgd(model, x, y, eps, eps / 4, 10, random_start=False)
+    with torch.no_grad():
+        (la, fa), (lp, fp) = ((ce(model(v), y), model(v).argmax(1) != y) for v in (a, p))
+    neither = ~fa & ~fp
+    assert (fa >= fp).all() and fa.sum() > fp.sum() and neither.sum() >= 16
+    assert la[neither].mean() > lp[neither].mean() + 1e-3
+
+
+@pytest.mark.parametrize("loss,targeted", [("ce", False), ("dlr", False), ("dlr", True)])
+def test_apgd_contract(atk_toy, loss, targeted):
+    model, x, y = atk_toy
+    # A fourth, never likely class for the targeted DLR loss (it needs four).
+    model = torch.nn.Sequential(copy.deepcopy(model), torch.nn.ConstantPad1d((0, 1), -10.0))
+    params = list(model.parameters())
+    preset = [torch.randn_like(p) for p in params]
+    eps = torch.tensor([0.0, 0.03, 0.06, 0.1]).repeat(len(x) // 4)
+    attack = lambda m, x_in, e=eps, seed=0: attacks.apgd(m, x_in, y, e, steps=12, loss=loss, targeted=targeted,
+                                                         n_targets=2, seed=seed)
+    for train, grads in [(True, [None] * len(params)), (False, preset)]:
+        model.train(train)
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        x_in = x.clone().requires_grad_(True)
+        state = torch.get_rng_state()
+        out = attack(model, x_in)
+        assert all(m.training == train for m in model.modules())
+        for p, g in zip(params, grads):
+            assert p.grad is None if g is None else torch.equal(p.grad, g)
+        assert x_in.grad is None and torch.equal(x_in.detach(), x)
+        assert out.shape == x.shape and out.dtype == x.dtype and not out.requires_grad and out.grad_fn is None
+        assert out.min() >= 0 and out.max() <= 1
+        assert ((out - x).flatten(1).abs().amax(1) <= eps + 1e-6).all() and torch.equal(out[eps == 0], x[eps == 0])
+        assert torch.equal(torch.get_rng_state(), state)  # its own generator
+    with torch.no_grad():
+        fooled = model(out).argmax(1) != y
+    assert 0 < fooled.sum() < (eps > 0).sum()  # the case has both kinds of point
+    assert torch.equal(attack(model, x), out) and not torch.equal(attack(model, x, seed=1), out)
+    # A [B] tensor of one value is the float.
+    assert torch.equal(attack(model, x, 0.06), attack(model, x, torch.full((len(x),), 0.06)))
+
+
+def test_apgd_targets_are_the_most_likely_other_classes(monkeypatch):
+    # logits = x: at x the other classes rank 4, 2, 3, 1; eps 0.01 fools no point, so every target
+    # gets its run, at most one per other class.
+    x, y = torch.tensor([[0.9, 0.1, 0.5, 0.3, 0.7]]), torch.tensor([0])
+    seen, loss = [], attacks.dlr_targeted_loss
+    monkeypatch.setattr(attacks, "dlr_targeted_loss", lambda z, t, c: seen.append(c.item()) or loss(z, t, c))
+    for n_targets, order in [(3, [4, 2, 3]), (9, [4, 2, 3, 1])]:
+        seen.clear()
+        attacks.apgd(torch.nn.Identity(), x, y, 0.01, steps=3, loss="dlr", targeted=True, n_targets=n_targets)
+        assert [c for i, c in enumerate(seen) if i % 4 == 0] == order and len(seen) == 4 * len(order)
+    for loss, targeted in [("ce", True), ("kl", False)]:
+        with pytest.raises(ValueError, match="valid 'ce' or 'dlr'"):
+            attacks.apgd(torch.nn.Identity(), x, y, 0.01, loss=loss, targeted=targeted)
+
 # ---------------------------------------------------------------- train_customized.py
 
 FAKE = ["--dataset", "fake-mnist", "--arch", "smallcnn", "--train-size", "128", "--test-size", "32",
@@ -898,7 +1032,8 @@ def test_eval_cli_on_trained_checkpoint(script, protocol, tmp_path):
     proc = run_cli("evaluate.py", "--ckpt", ck_path, *EVAL_QUICK, "--eps", "0.05", "--attack-all")
     with open(os.path.join(out, f"model_eval_{protocol}.json")) as f:  # default: next to the checkpoint
         rep = json.load(f)
-    names = {"customized": ["pgd100", "cw100", "deepfool"], "calibrated": ["pgd20", "pgd100", "cw", "fgsm", "square"]}
+    names = {"customized": ["pgd100", "cw100", "deepfool", "apgd-ce", "apgd-t"],
+             "calibrated": ["pgd20", "pgd100", "cw", "fgsm", "apgd-ce", "apgd-t", "square"]}
     assert rep["protocol"] == protocol  # the default is the checkpoint's method
     assert [r["name"] for r in rep["attacks"]] == names[protocol]
     with open(ck_path, "rb") as f:
@@ -943,7 +1078,9 @@ def test_eval_shortcut_gives_the_same_worst_case(eval_toy):
 
 def test_eval_any_attack_is_the_per_sample_worst_case(eval_toy):
     model, data = eval_toy
-    nat, robust, results, _ = eval_run(model, data, eval_args("--attack-all", "--square-queries", "100"))
+    # The paper's attacks; with APGD: test_eval_apgd_columns_added_marked_and_dropped_by_paper_only.
+    args = eval_args("--attack-all", "--square-queries", "100", "--paper-only")
+    nat, robust, results, _ = eval_run(model, data, args)
     assert [r["name"] for r in results] == ["pgd20", "pgd100", "cw", "fgsm", "square"]
     accs = [r["accuracy"] for r in results]
     assert robust.float().mean().item() <= min(accs) <= max(accs) <= nat.float().mean().item()
@@ -954,7 +1091,7 @@ def test_eval_any_attack_is_the_per_sample_worst_case(eval_toy):
 
 def test_eval_deterministic_for_a_fixed_seed(eval_toy):
     model, data = eval_toy
-    args = eval_args("--attacks", "cw,square", "--square-queries", "50")  # random starts, random search
+    args = eval_args("--attacks", "apgd-ce,square", "--square-queries", "50")  # random starts, random search
     a, b = eval_run(model, data, args), eval_run(model, data, args)
     assert torch.equal(a[1], b[1]) and [r["accuracy"] for r in a[2]] == [r["accuracy"] for r in b[2]]
 
@@ -974,6 +1111,55 @@ def test_eval_speed_flags_give_the_same_numbers(eval_toy, capsys):
     with pytest.raises(SystemExit) as e:  # and --amp, CUDA only, is one line on the CPU
         evaluate.get_args(["--ckpt", "x", "--amp", "--device", "cpu"])
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_eval_apgd_columns_added_marked_and_dropped_by_paper_only(eval_toy, capsys):
+    model, data = eval_toy
+    for protocol, paper in (("calibrated", ["pgd20", "pgd100", "cw", "fgsm", "square"]),
+                            ("customized", ["pgd100", "cw100", "deepfool"])):
+        specs, _ = evaluate.protocol_attacks(eval_args(protocol=protocol), mnist_like=True)
+        names = [s["name"] for s in specs]
+        # After the paper's white-box attacks, before Square: the worst case Square is judged against.
+        added = ["apgd-ce", "apgd-t"]
+        assert names == (paper[:-1] + added + ["square"] if "square" in paper else paper + added)
+        apgd = {s["name"]: s for s in specs if s.get("added")}
+        assert apgd["apgd-ce"] == dict(name="apgd-ce", kind="apgd", added=True, eps=0.1, steps=100, loss="ce",
+                                       targeted=False, n_targets=0, restarts=1, rho=0.75)
+        assert apgd["apgd-t"] == {**apgd["apgd-ce"], "name": "apgd-t", "loss": "dlr", "targeted": True, "n_targets": 9}
+        specs, _ = evaluate.protocol_attacks(eval_args("--paper-only", protocol=protocol), mnist_like=True)
+        assert [s["name"] for s in specs] == paper
+    specs, _ = evaluate.protocol_attacks(eval_args("--steps", "3"), True)
+    assert [s["steps"] for s in specs if s.get("added")] == [3, 3]  # --steps: quick runs
+    # Each attack alone (--attack-all): the any-attack column is at or below every column.
+    args = eval_args("--attack-all", "--steps", "10", "--square-queries", "20")
+    nat, robust, results, flags = eval_run(model, data, args)
+    any_attack = robust.float().mean().item()
+    assert all(any_attack <= r["accuracy"] for r in results) and any_attack < nat.float().mean().item()
+    report = {"natural": nat.float().mean().item(), "attacks": results, "any_attack": any_attack,
+              "attack_all": True, "flags": flags}
+    capsys.readouterr()
+    evaluate.print_table("model", report)
+    header, *_, footnote = capsys.readouterr().out.splitlines()[:4]
+    assert header.split() == ["natural", "pgd20", "pgd100", "cw", "fgsm", "apgd-ce*", "apgd-t*", "square", "any",
+                              "attack"]
+    assert footnote.startswith("* added, not in the paper's protocol")
+    evaluate.print_table("model", {**report, "attacks": [r for r in results if not r["settings"].get("added")]})
+    assert "*" not in capsys.readouterr().out
+
+
+def test_eval_calibrated_cw_has_no_random_start(eval_toy):
+    """Paper 002, Sec. 5.1.1 and footnote 2: C&W-inf without a random start, so the seed cannot
+    change it, and it is exactly attacks.pgd from x."""
+    model, data = eval_toy
+    cw = next(s for s in evaluate.protocol_attacks(eval_args(), True)[0] if s["name"] == "cw")
+    assert cw["random_start"] is False and (cw["steps"], cw["kappa"], cw["alpha"]) == (30, 50.0, 0.015)
+    x, y = data.tensors
+    runs = [evaluate.run_attack(cw, model, model, data, torch.arange(len(y)), eval_args("--seed", s))[0]
+            for s in ("0", "1")]
+    x_adv = attacks.pgd(model, x, y, 0.1, 0.015, 30, "cw", False, kappa=50.0)
+    with torch.no_grad():
+        expected = model(x_adv).argmax(1) == y
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], expected)
 
 
 def test_eval_flags_planted_gradient_masking(eval_toy):

@@ -8,7 +8,8 @@ the attacks' throughput, in one process, interleaved, median of --reps repetitio
 Rows: customized (full) vs PGD-AT (--fixed-eps --c 0 --loss ce), target ratio <= 1.03 (paper
 000: "negligible overhead"); calibrated vs TRADES (--no-mask --no-weighted-ce --attack kl),
 target <= 1.25, next to the ratio of network passes; attacks.pgd PGD-20 vs a textbook loop;
-Square queries/s; an evaluation chain on still-correct points only vs on every point.
+Square queries/s; an evaluation chain on still-correct points only vs on every point; APGD-CE-100
+vs PGD-100 (one forward and backward a step each: target ~1).
 Time ratios: lower is better. Peak memory per row: RSS on CPU, max allocated on CUDA.
 """
 import argparse
@@ -161,6 +162,10 @@ def main(argv=None):
     xe, ye = (t.to(device) for t in sample(4 * bs))
     rows["eval chain, still-correct points only"] = lambda: eval_chain(robust_model, xe, ye, EVAL_EPS, True)
     rows["eval chain, every point"] = lambda: eval_chain(robust_model, xe, ye, EVAL_EPS, False)
+    with torch.no_grad():  # APGD skips points misclassified at x: attack the model's own labels
+        y_pred = model(x).argmax(1)
+    rows["attacks.pgd PGD-100"] = lambda: attacks.pgd(model, x, y_pred, eps, eps / 40, 100, random_start=False)
+    rows["attacks.apgd APGD-CE-100"] = lambda: attacks.apgd(model, x, y_pred, eps, 100)
     secs, peaks = time_rows(rows, args.reps, device)
     per_s = {k: (bs * n if k in steps else bs) / v for k, v in secs.items()}
     per_s["Square (100 queries)"] = queries[0] / (args.reps + 1) / secs["Square (100 queries)"]
@@ -172,6 +177,7 @@ def main(argv=None):
         "calibrated_over_trades": secs[k[3]] / secs[k[2]],
         "pgd_over_textbook": secs[k[4]] / secs[k[5]],
         "still_correct_over_all": secs[k[7]] / secs[k[8]],
+        "apgd_over_pgd": secs[k[10]] / secs[k[9]],
         "robust_share": eval_chain(robust_model, xe, ye, EVAL_EPS, True),
         "rows": {name: {"seconds": secs[name], "per_s": per_s[name], "peak_mib": peaks[name]} for name in rows},
         "arch": args.arch, "device": device, "batch_size": bs, "batches": n, "reps": args.reps,
@@ -192,6 +198,8 @@ def main(argv=None):
     print(f"attacks.pgd / textbook time   {result['pgd_over_textbook']:.3f}  (target <= 1.0)")
     print(f"still-correct / all-points    {result['still_correct_over_all']:.3f}  "
           f"(robust share after the chain {result['robust_share']:.2f}, SmallCNN, eps {EVAL_EPS})")
+    print(f"APGD-CE-100 / PGD-100 time    {result['apgd_over_pgd']:.3f}  (target ~1: 101 vs 100 forward-backward "
+          "passes per image)")
 
 
 if __name__ == "__main__":
