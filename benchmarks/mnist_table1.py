@@ -2,7 +2,9 @@
 
 Every row is trained by its real CLI and evaluated by evaluate.py; results accumulate in
 benchmarks/results/mnist_table1.json, one entry per row, and a row already there is skipped, so
-the rows can be spread over several sessions (a half-trained row continues with --resume).
+the rows can be spread over several sessions: a half-trained row continues with --resume, from its
+run directory or, on a fresh machine, from benchmarks/results/mnist_table1_partial/ROW_seedS/ (copy
+model.pt, log.jsonl and commit.txt there and commit them when a session must stop mid-row).
 
 Rows: AT(0.3), AT(0.4) (train_customized.py --fixed-eps --c 0 --loss ce: Madry et al.'s PGD-AT),
 TRADES(0.3), TRADES(0.4) (train_calibrated.py --no-mask --no-weighted-ce --attack kl, beta 1 as
@@ -29,6 +31,7 @@ each attack alone on every naturally correct test image (evaluate.py --attack-al
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -37,6 +40,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results", "mnist_table1.json")
+# Half-trained rows carried from one session to the next (model.pt, log.jsonl, commit.txt of a run
+# directory, committed by hand when a session must stop): a row found here resumes from it.
+PARTIAL = os.path.join(REPO, "benchmarks", "results", "mnist_table1_partial")
 # Table 1 of paper 002 (mean of 5 runs): natural, PGD-20, PGD-100; None = "-" (training failed).
 PAPER = {"AT(0.3)": (99.2, 93.4, 92.3), "AT(0.4)": (None, None, None), "TRADES(0.3)": (99.3, 94.9, 92.9),
          "TRADES(0.4)": (99.1, 95.3, 91.6), "calibrated_cent(0.3)": (99.3, 95.4, 93.2),
@@ -88,7 +94,9 @@ def run_row(name, args):
     train = [script, *flags, "--dataset", "mnist", "--data-dir", rel(args.data_dir), "--epochs", str(args.epochs),
              "--seed", str(args.seed), "--eval-size", "200", "--out", rel(out)]
     train += ["--train-size", str(args.train_size)] if args.train_size else []
-    ckpt = os.path.join(out, "model.pt")
+    ckpt, carried = os.path.join(out, "model.pt"), os.path.join(PARTIAL, os.path.basename(out))
+    if not os.path.exists(ckpt) and os.path.exists(os.path.join(carried, "model.pt")) and not args.quick:
+        shutil.copytree(carried, out, dirs_exist_ok=True)
     done = lambda: [json.loads(line)["epoch"] for line in open(os.path.join(out, "log.jsonl"))][-1:] == [args.epochs]
     if not (os.path.exists(ckpt) and done()):
         resume = ["--resume"] if os.path.exists(ckpt) else ["--overwrite"]
