@@ -121,6 +121,7 @@ def run_row(name, args):
            "eval_commit": commit(), "seed": args.seed, "epochs": args.epochs, "seconds": sum(r["seconds"] for r in log),
            "eval_seconds": eval_s, "n_test": ev["n_examples"], "epoch_log": log,
            "acc": {"natural": ev["natural"], **{a["name"]: a["accuracy"] for a in ev["attacks"]}}}
+    shutil.rmtree(carried, ignore_errors=True)  # the row is done: its carried checkpoint goes
     if "train_mask_mean" in log[0]:
         row["mask_mean_per_epoch"] = [r["train_mask_mean"] for r in log]
     print(f"{name}: " + " ".join(f"{k} {100 * v:.1f}" for k, v in row["acc"].items()), flush=True)
