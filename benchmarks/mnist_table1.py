@@ -80,9 +80,10 @@ def call(cmd, log):
 
 
 def commit():
-    out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=REPO, capture_output=True,
-                         text=True)
-    return out.stdout.strip() or "unknown"
+    """HEAD, with "-dirty" when a tracked file differs from it; the results this script writes do not count."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+    return (git("rev-parse", "--short=12", "HEAD") or "unknown") + ("-dirty" if dirty else "")
 
 
 def run_row(name, args):
