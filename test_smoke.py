@@ -43,10 +43,6 @@ def run_cli(*args, check=True, env=None, timeout=600):
 
 
 # ---------------------------------------------------------------- models.py and attacks.py
-
-
-
-
 @pytest.mark.parametrize("arch,in_channels,size", [
     ("smallcnn", 1, 28), ("smallcnn", 3, 32), ("preact_resnet18", 3, 32),
     ("preact_resnet18", 1, 28), ("vgg16", 3, 32), ("vgg16", 1, 28)])
@@ -575,8 +571,8 @@ def test_apgd_targets_are_the_most_likely_other_classes(monkeypatch):
         with pytest.raises(ValueError, match="valid 'ce' or 'dlr'"):
             attacks.apgd(torch.nn.Identity(), x, y, 0.01, loss=loss, targeted=targeted)
 
-# ---------------------------------------------------------------- train_customized.py
 
+# ---------------------------------------------------------------- train_customized.py
 FAKE = ["--dataset", "fake-mnist", "--arch", "smallcnn", "--train-size", "128", "--test-size", "32",
         "--eval-size", "32", "--batch-size", "32"]
 CUSTOM = ["train_customized.py", *FAKE, "--eps-max", "0.1", "--eta", "0.01"]
@@ -673,8 +669,9 @@ def test_customized_rejects_invalid_args(bad, tmp_path):
 def test_customized_table6_readme_commands_use_the_papers_losses():
     # Table 6: Adv train, Adv+LS and Adp-Adv (IAAT) are CE methods; its CAT row is Table 3's mixed loss.
     with open(os.path.join(HERE, "README.md")) as f:
-        rows = {line.split("# Table 6: ")[1].split(" (")[0].strip(): line.split("train_customized.py")[1].split("#")[0].split()
-                for line in f if "train_customized.py" in line and "# Table 6: " in line}
+        lines = [line for line in f if "train_customized.py" in line and "# Table 6: " in line]
+    rows = {line.split("# Table 6: ")[1].split(" (")[0].strip():  # name -> the flags after the script
+            line.split("train_customized.py")[1].split("#")[0].split() for line in lines}
     got = {name: (a.fixed_eps, a.c, a.loss, a.arch) for name, a in
            ((name, customized.get_args(argv)) for name, argv in rows.items())}
     assert got == {"Adv train": (True, 0, "ce", "vgg16"), "Adv+LS": (True, 10, "ce", "vgg16"),
@@ -692,7 +689,6 @@ def test_trainer_boilerplate_is_byte_identical():
 
 
 # ---------------------------------------------------------------- train_calibrated.py
-
 CAL = ["train_calibrated.py", "--dataset", "fake-mnist", "--train-size", "32", "--test-size", "32",
        "--eval-size", "32", "--batch-size", "32", "--epochs", "2", "--steps", "2"]
 CAL_RUNS = {"cw": [], "pgd": ["--attack", "pgd"], "kl": ["--attack", "kl"],
@@ -961,7 +957,6 @@ def test_calibrated_warns_when_the_mask_collapses(tmp_path):
 
 
 # ---------------------------------------------------------------- evaluate.py
-
 EVAL_QUICK = ["--steps", "2", "--square-queries", "10", "--n-examples", "32", "--batch-size", "16"]
 
 
@@ -1246,8 +1241,6 @@ def test_eval_main_in_process_eval_mode_and_autoattack_message(tmp_path, capsys)
 
 
 # ---------------------------------------------------------------- resume, errors, determinism
-
-
 def final_state(out):
     ck = torch.load(os.path.join(out, "model.pt"), weights_only=True)
     return ck, untimed(read_log(out))
@@ -1366,7 +1359,6 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert len(read_log(out)) == 1
 
 
-
 # ---------------------------------------------------------------- torchrun, amp
 def torchrun(*args, out):
     return run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
@@ -1405,7 +1397,6 @@ def test_amp_on_cpu_is_refused(tmp_path):
         pytest.skip("a CUDA device is present")
     proc = run_cli(*CUSTOM, "--amp", "fp16", "--out", str(tmp_path / "x"), check=False)
     assert proc.returncode == 2 and "--amp needs CUDA" in proc.stderr
-
 
 
 # ---------------------------------------------------------------- benchmarks (toy margin)

@@ -131,7 +131,8 @@ def run_row(name, args):
 
 def table(rows):
     """Markdown: ours [paper], accuracy (%) at eps 0.3."""
-    lines = ["| row | natural | PGD-20 | PGD-100 | C&W-inf | train s | mean mask per epoch |", "|---|---|---|---|---|---|---|"]
+    lines = ["| row | natural | PGD-20 | PGD-100 | C&W-inf | train s | mean mask per epoch |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         paper = PAPER.get(r["name"], (None,) * 3) + (None,)
         cells = [f"{100 * r['acc'][k]:.1f}" + ("" if r["name"] not in PAPER else f" [{'-' if p is None else p}]")

@@ -146,9 +146,10 @@ def main(argv=None):
     bs, n = args.batch_size, args.batches
     data = [(torch.rand(bs, *shape, device=device), torch.randint(0, 10, (bs,), device=device)) for _ in range(n)]
     idx = torch.arange(bs, device=device)
-    steps = {"PGD-AT (--fixed-eps --c 0 --loss ce)": customized_step(["--fixed-eps", "--c", "0", "--loss", "ce"], shape, common),
+    at, trades = ["--fixed-eps", "--c", "0", "--loss", "ce"], ["--no-mask", "--no-weighted-ce", "--attack", "kl"]
+    steps = {"PGD-AT (--fixed-eps --c 0 --loss ce)": customized_step(at, shape, common),
              "customized (defaults)": customized_step([], shape, common),
-             "TRADES (--no-mask --no-weighted-ce --attack kl)": calibrated_step(["--no-mask", "--no-weighted-ce", "--attack", "kl"], shape, common),
+             "TRADES (--no-mask --no-weighted-ce --attack kl)": calibrated_step(trades, shape, common),
              "calibrated (defaults)": calibrated_step([], shape, common)}
     rows = {k: (lambda f: lambda: [f(x, y, idx) for x, y in data])(f) for k, f in steps.items()}
     model = get_model(args.arch, 10, *shape[:1], shape[-1]).to(device).eval()
