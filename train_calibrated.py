@@ -169,7 +169,7 @@ def get_args(argv=None):
     a("--mask-optimizer", choices=["sgd", "adam"], help="g_phi's optimizer (release: SGD on CIFAR-10, Adam on "
       "MNIST, whose mask collapses to 0 in ten batches: SGD here, README)")
     a("--mask-lr", type=float, help="g_phi's learning rate (release: 0.1 on CIFAR-10, Adam 1e-3 on MNIST; "
-      "0.01 here, README)")
+      "SGD 0.01 on MNIST here, README)")
     a("--momentum", type=float, default=0.9, help="SGD momentum, both nets (release: 0.9)")
     a("--wd", type=float, help="weight decay, both nets (release: 5e-4 with SGD on CIFAR-10; 0 on MNIST)")
     a("--epochs", type=int, help="epochs (release: 140 on CIFAR-10, lr x0.1 at 100 and 120, WRN-34-10 at 100 "
