@@ -10,7 +10,9 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -1027,7 +1029,7 @@ def test_eval_cli_on_trained_checkpoint(script, protocol, tmp_path):
     proc = run_cli("evaluate.py", "--ckpt", ck_path, *EVAL_QUICK, "--eps", "0.05", "--attack-all")
     with open(os.path.join(out, f"model_eval_{protocol}.json")) as f:  # default: next to the checkpoint
         rep = json.load(f)
-    names = {"customized": ["pgd100", "cw100", "deepfool", "apgd-ce", "apgd-t"],
+    names = {"customized": ["pgd100", "cw100", "deepfool", "apgd-ce", "apgd-t", "square"],
              "calibrated": ["pgd20", "pgd100", "cw", "fgsm", "apgd-ce", "apgd-t", "square"]}
     assert rep["protocol"] == protocol  # the default is the checkpoint's method
     assert [r["name"] for r in rep["attacks"]] == names[protocol]
@@ -1115,9 +1117,11 @@ def test_eval_apgd_columns_added_marked_and_dropped_by_paper_only(eval_toy, caps
         specs, _ = evaluate.protocol_attacks(eval_args(protocol=protocol), mnist_like=True)
         names = [s["name"] for s in specs]
         # After the paper's white-box attacks, before Square: the worst case Square is judged against.
+        # The customized protocol has no black box of its own: Square is added there too.
         added = ["apgd-ce", "apgd-t"]
-        assert names == (paper[:-1] + added + ["square"] if "square" in paper else paper + added)
-        apgd = {s["name"]: s for s in specs if s.get("added")}
+        assert names == (paper[:-1] + added + ["square"] if "square" in paper else paper + added + ["square"])
+        assert [s["name"] for s in specs if s.get("added")] == added + ["square"] * (protocol == "customized")
+        apgd = {s["name"]: s for s in specs if s.get("added") and s["kind"] == "apgd"}
         assert apgd["apgd-ce"] == dict(name="apgd-ce", kind="apgd", added=True, eps=0.1, steps=100, loss="ce",
                                        targeted=False, n_targets=0, restarts=1, rho=0.75)
         assert apgd["apgd-t"] == {**apgd["apgd-ce"], "name": "apgd-t", "loss": "dlr", "targeted": True, "n_targets": 9}
@@ -1399,7 +1403,7 @@ def test_amp_on_cpu_is_refused(tmp_path):
     assert proc.returncode == 2 and "--amp needs CUDA" in proc.stderr
 
 
-# ---------------------------------------------------------------- benchmarks (toy margin)
+# ---------------------------------------------------------------- benchmarks
 def test_toy_margin_eps4_distorts_customized_does_not():
     """Fig. 1 of paper 000, reduced to 200 training points and one seed (~2 s). Measured at this
     size over seeds 0-11: natural and eps-1 AT 1.000, eps-4 AT 0.854-0.890 (boundary ~55-60 deg
@@ -1415,3 +1419,61 @@ def test_toy_margin_eps4_distorts_customized_does_not():
     at4 = res["AT eps 4"][0]
     assert torch.allclose(attacks.pgd(at4, x, y, 4.0, 1.0, 10, clip=None),
                           toy_margin.worst_case(at4, x, y, 4.0))
+
+
+def write_mnist_root(root, n_train=200, n_test=40):
+    """A root that torchvision.datasets.MNIST reads offline: the four raw idx files, random pixels."""
+    g = torch.Generator().manual_seed(0)
+    os.makedirs(os.path.join(root, "MNIST", "raw"))
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        with open(os.path.join(root, "MNIST", "raw", f"{split}-images-idx3-ubyte"), "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + torch.randint(0, 256, (n, 28, 28), generator=g,
+                                                                          dtype=torch.uint8).numpy().tobytes())
+        with open(os.path.join(root, "MNIST", "raw", f"{split}-labels-idx1-ubyte"), "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + torch.randint(0, 10, (n,), generator=g,
+                                                                dtype=torch.uint8).numpy().tobytes())
+    return str(root)
+
+
+def test_mnist_table1_keeps_models_reproduces_landed_rows_and_skips_finished_work(tmp_path):
+    data, res = write_mnist_root(tmp_path / "data"), tmp_path / "results" / "table1.json"
+    table1 = lambda *a: run_cli("benchmarks/mnist_table1.py", "--quick", "--jobs", "1", "--rows", "AT(0.3)",
+                                "--data-dir", data, "--out", str(tmp_path / "runs"), "--results", str(res),
+                                "--n-test", "40", "--n-strong", "20", *a)
+    rows = lambda: json.loads(res.read_text())["rows"]
+    table1("--seeds", "0")
+    (row,) = rows()
+    path = os.path.normpath(os.path.join(HERE, row["checkpoint"]["path"]))
+    assert path == str(tmp_path / "results" / "checkpoints" / "AT(0.3)_seed0.pt")
+    with open(path, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == row["checkpoint"]["sha256"]
+    kept, run = (torch.load(p, weights_only=True) for p in (path, tmp_path / "runs" / "AT(0.3)_seed0" / "model.pt"))
+    assert set(kept) == {"model", "arch", "num_classes", "in_channels", "image_size", "dataset", "method", "epoch",
+                         "args"}                                       # weights only: no optimizer, no eps table
+    assert all(torch.equal(kept["model"][k], v) for k, v in run["model"].items())
+    strong = row["acc_strong"]
+    assert strong["n"] == 20 and row["strong"]["square_queries"] == 20 and isinstance(row["flags"], list)
+    columns = ("natural", "pgd20", "pgd100", "cw", "fgsm", "apgd-ce", "apgd-t", "square")
+    assert set(columns) < set(strong) and strong["any"] <= min(strong[k] for k in columns)
+    assert row["n_test"] == 40 and set(row["acc"]) == {"natural", "pgd20", "pgd100", "cw"}
+    # Finished work is skipped: the same call again trains and evaluates nothing.
+    before = res.read_text()
+    assert "training" not in table1("--seeds", "0").stdout and res.read_text() == before
+    # A landed row (no kept model) is retrained by its command. The same log: its landed numbers
+    # stand (a marker shows they were not re-evaluated); a different log: re-evaluated, both kept.
+    landed = {k: v for k, v in row.items() if k not in ("checkpoint", "acc_strong", "flags", "strong")}
+    marked = {**landed, "acc": {**landed["acc"], "natural": 0.123}}
+    for case in ("equal", "differs"):
+        res.write_text(json.dumps({"rows": [marked]}))
+        shutil.rmtree(tmp_path / "runs")
+        os.remove(path)
+        table1("--seeds", "0", "--no-strong")
+        (new,) = rows()
+        assert new["reproduced"]["log_equal"] == (case == "equal") and "acc_strong" not in new
+        with open(path, "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == new["checkpoint"]["sha256"] == row["checkpoint"]["sha256"]
+        if case == "equal":
+            assert new["acc"] == marked["acc"] and "landed_acc" not in new["reproduced"]
+        else:
+            assert new["acc"] == row["acc"] and new["reproduced"]["landed_acc"] == marked["acc"]
+        marked = {**marked, "epoch_log": [{**marked["epoch_log"][0], "train_loss": 1.0}]}
