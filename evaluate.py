@@ -13,12 +13,13 @@ split; every eps is in pixel units. Attacks, by the names --attacks takes, in ru
               0.3 and step 0.015 for all.
   customized  paper 000, Sec. 5, Table 3: pgd100, cw100 (kappa 50), --full: pgd1000x20, cw1000x20
               (20 restarts), all step eps/5 with random starts; deepfool, robust where its minimal
-              L-inf perturbation exceeds eps, last as the costliest; [apgd-ce, apgd-t]. 8/255
+              L-inf perturbation exceeds eps, last as the costliest; [apgd-ce, apgd-t, square]. 8/255
               (MNIST-like: 0.3).
-  [added]     not in either paper, marked * in the table, dropped by --paper-only: apgd-ce and
-              apgd-t (Croce & Hein 2020, AutoAttack's settings: 100 steps, 1 restart, APGD-T on the
-              9 most likely other classes), so that "any attack" is a worst case to quote: fixed-step
-              PGD can be several points too weak.
+  [added]     not in the paper's protocol, marked * in the table, dropped by --paper-only: apgd-ce
+              and apgd-t (Croce & Hein 2020, AutoAttack's settings: 100 steps, 1 restart, APGD-T on
+              the 9 most likely other classes), so that "any attack" is a worst case to quote:
+              fixed-step PGD can be several points too weak; in the customized protocol also square
+              (5000 queries, as paper 002's), the black box that sees gradient masking.
   default     the protocol of the paper whose method trained the checkpoint (its "method");
               calibrated where it records none. Both: sanity, and autoattack with --autoattack.
 
@@ -60,7 +61,7 @@ import models
 
 CK_KEYS = ("model", "arch", "num_classes", "in_channels", "image_size", "dataset")
 FAKE_SHAPES = {"fake-mnist": (1, 28, 28), "fake-cifar10": (3, 32, 32)}
-WHITE_BOX = ("pgd20", "pgd100", "cw", "fgsm", "cw100", "pgd1000x20", "cw1000x20", "apgd-ce", "apgd-t")
+WHITE_BOX = ("pgd20", "pgd100", "cw", "fgsm", "cw100", "pgd1000x20", "cw1000x20", "deepfool", "apgd-ce", "apgd-t")
 
 
 def fail(msg):
@@ -180,6 +181,8 @@ def protocol_attacks(args, mnist_like):
             specs += [pgd("pgd1000x20", eps, eps / 5, 1000, restarts=20),
                       pgd("cw1000x20", eps, eps / 5, 1000, "cw", restarts=20, kappa=50.0)]
         specs += [dict(name="deepfool", kind="deepfool", eps=eps, steps=50, overshoot=0.02), *added]
+        specs += [] if args.paper_only else [dict(name="square", kind="square", added=True, eps=eps,
+                                                  n_queries=args.square_queries, p_init=0.8)]
     if args.autoattack:
         specs.append(dict(name="autoattack", kind="autoattack", eps=eps, version="standard"))
     for s in specs:  # --steps / --restarts for quick or stronger runs
@@ -316,7 +319,8 @@ def get_args(argv=None):
     a("--protocol", choices=["calibrated", "customized"], default=None, help="default: the checkpoint's method")
     a("--attacks", default=None, help="comma-separated subset of the protocol's attacks, e.g. pgd20,square,sanity")
     a("--full", action="store_true", help="customized: add Table 3's 20-restart x 1000-step PGD and C&W")
-    a("--paper-only", action="store_true", help="drop the added attacks (apgd-ce, apgd-t): the paper's protocol alone")
+    a("--paper-only", action="store_true", help="drop the added attacks (apgd-ce, apgd-t; customized: square): "
+      "the paper's protocol alone")
     a("--eps", type=fraction, default=None, help="every attack's eps (not the sanity check's), e.g. 8/255")
     a("--steps", type=int, default=None, help="the steps of every PGD, C&W and APGD attack and the sanity check")
     a("--restarts", type=int, default=None, help="the restarts of every PGD, C&W and APGD attack (> 1: random starts)")
