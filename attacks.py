@@ -142,9 +142,10 @@ def _apgd_run(model, x, y, eps, steps, loss_fn, x_adv, rho=0.75, clip=(0.0, 1.0)
         new_loss, grad, fooled = loss_grad(x_adv)
         rises += new_loss > loss
         loss = new_loss
-        up = loss > best_loss
-        best[up], best_loss[up], best_grad[up] = x_adv[up], loss[up], grad[up]
-        adv[fooled & ~done] = x_adv[fooled & ~done]
+        up = loss > best_loss  # torch.where, not boolean indexing: no host sync per step on CUDA
+        best, best_grad = torch.where(up.view(shape), x_adv, best), torch.where(up.view(shape), grad, best_grad)
+        best_loss = torch.where(up, loss, best_loss)
+        adv = torch.where((fooled & ~done).view(shape), x_adv, adv)
         done |= fooled
         if k in checks[1:]:
             window = k - checks[checks.index(k) - 1]
@@ -215,9 +216,8 @@ def square(model, x, y, eps, n_queries=5000, p_init=0.8, seed=0, clip=(0.0, 1.0)
     a sample stops being queried as soon as it is misclassified, so one misclassified at x costs
     one query and is returned unchanged. The result's margin loss is never below x's.
     """
-    gen = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.rand(*shape, generator=gen).to(x.device)
-    sign = lambda *shape: (rand(*shape) < 0.5).to(x.dtype) * 2 - 1
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
+    sign = lambda *shape: (torch.rand(*shape, generator=gen).to(x.device) < 0.5).to(x.dtype) * 2 - 1
 
     def margin(x_in, y_in):  # Z_y - max_{j != y} Z_j: <= 0 means fooled
         return -cw_margin(model(x_in), y_in, kappa=float("inf"))
@@ -241,8 +241,8 @@ def square(model, x, y, eps, n_queries=5000, p_init=0.8, seed=0, clip=(0.0, 1.0)
         delta = x_best_cur - x_cur
         s = max(int(round((_p_selection(p_init, i, n_queries) * h * w) ** 0.5)), 1)
         s = min(s, h, w)
-        r = int(rand(1).item() * (h - s + 1))
-        q = int(rand(1).item() * (w - s + 1))
+        r = int(torch.rand(1, generator=gen).item() * (h - s + 1))  # a CPU draw: no device round trip
+        q = int(torch.rand(1, generator=gen).item() * (w - s + 1))
         window = (slice(None), slice(None), slice(r, r + s), slice(q, q + s))
         # Resample the window's per-channel sign until it changes the current best image (as the
         # reference implementation does), so no query repeats it; bounded so a saturated window
@@ -260,7 +260,7 @@ def square(model, x, y, eps, n_queries=5000, p_init=0.8, seed=0, clip=(0.0, 1.0)
         m_new = margin(x_new, y_cur)
         better = m_new < m_best[active]
         m_best[active] = torch.where(better, m_new, m_best[active])
-        x_best[active[better]] = x_new[better]
+        x_best[active] = torch.where(better.view(-1, 1, 1, 1), x_new, x_best_cur)
     # The search starts from the stripes even where they raise the margin (as the reference
     # does); where no query got below x's margin, x itself is the best point seen.
     worse = m_best > m_clean
