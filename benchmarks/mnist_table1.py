@@ -43,6 +43,7 @@ each attack alone on every naturally correct test image (evaluate.py --attack-al
     python benchmarks/mnist_table1.py --quick           # a smoke run into runs/, not the results
 """
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -50,7 +51,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -214,9 +214,26 @@ def strong_evaluation(row, seed, args):
                        "attack_seconds": {a["name"]: a["seconds"] for a in ev["attacks"]}}}
 
 
-def run_job(name, seed, args, results, save):
+def load(path):
+    return json.load(open(path)) if os.path.exists(path) else {"rows": []}
+
+
+def save(row, path):
+    """Put `row` into the results file, under a file lock: jobs and other invocations write it too."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load(path)
+        results["rows"] = [r for r in results["rows"] if (r["name"], r["seed"]) != (row["name"], row["seed"])]
+        results["rows"] = sorted(results["rows"] + [row], key=lambda r: (ROWS.index(r["name"]), r["seed"]))
+        with open(path + ".tmp", "w") as f:  # written as each step lands: a session may end at any time
+            json.dump(results, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
+def run_job(name, seed, args):
     """Whatever of steps 1-4 the (row, seed) still lacks."""
-    row = next((r for r in results["rows"] if (r["name"], r["seed"]) == (name, seed)), None)
+    row = next((r for r in load(args.results)["rows"] if (r["name"], r["seed"]) == (name, seed)), None)
     if name in LANDED_ONLY:
         return
     if row and "checkpoint" in row:
@@ -229,11 +246,11 @@ def run_job(name, seed, args, results, save):
         row = train_and_evaluate(name, seed, args, row)
         if row is None:
             return
-        save(row)
+        save(row, args.results)
     if "acc_strong" not in row and not args.no_strong:
         strong = strong_evaluation(row, seed, args)
         if strong is not None:
-            save({**row, **strong})
+            save({**row, **strong}, args.results)
 
 
 def table(rows):
@@ -340,29 +357,18 @@ def main():
     args.results = os.path.abspath(args.results or (os.path.join(args.out, "results.json") if quick else RESULTS))
     args.checkpoints = os.path.join(os.path.dirname(args.results), "checkpoints")
     args.data_dir = os.path.abspath(args.data_dir)
-    results = json.load(open(args.results)) if os.path.exists(args.results) else {"rows": []}
     if args.summary:
-        print(table(results["rows"]) + "\n\n" + summary(results["rows"]))
+        rows = load(args.results)["rows"]
+        print(table(rows) + "\n\n" + summary(rows))
         return
     if not os.path.isdir(os.path.join(args.data_dir, "MNIST", "raw")):
         sys.exit(f"error: no MNIST root at {args.data_dir}; run ../shared/data/mnist/make_root.sh {args.data_dir}")
     jobs = [(name, seed) for seed in args.seeds for name in args.rows]
-    print(f"{len(jobs)} jobs; {len(results['rows'])} rows in {rel(args.results)}", flush=True)
-    lock = threading.Lock()
-
-    def save(row):  # written as each step lands: a session may end at any time
-        with lock:
-            results["rows"] = [r for r in results["rows"] if (r["name"], r["seed"]) != (row["name"], row["seed"])]
-            results["rows"].append(row)
-            results["rows"].sort(key=lambda r: (ROWS.index(r["name"]), r["seed"]))
-            os.makedirs(os.path.dirname(args.results), exist_ok=True)
-            with open(args.results + ".tmp", "w") as f:
-                json.dump(results, f, indent=1)
-            os.replace(args.results + ".tmp", args.results)
-
+    print(f"{len(jobs)} jobs; {len(load(args.results)['rows'])} rows in {rel(args.results)}", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda job: run_job(*job, args, results, save), jobs))
-    print(table(results["rows"]) + "\n\n" + summary(results["rows"]))
+        list(pool.map(lambda job: run_job(*job, args), jobs))
+    rows = load(args.results)["rows"]
+    print(table(rows) + "\n\n" + summary(rows))
 
 
 if __name__ == "__main__":
