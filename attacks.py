@@ -1,4 +1,5 @@
-"""L-inf attacks on a batch: C&W margin, FGSM, PGD, APGD (and its DLR losses), Square, DeepFool.
+"""L-inf attacks on a batch: C&W margin, FGSM, PGD, APGD (and its DLR losses), Square, DeepFool;
+`unit_grad` keeps their input gradients alive under fp16 autocast.
 
 Each function needs only torch. None changes the model's train/eval mode (the caller chooses:
 eval for evaluation; the training scripts say which they use), none accumulates gradients into
@@ -19,6 +20,17 @@ def cw_margin(logits, y, kappa=0.0):
     # -inf, not a large negative constant, so the true class is excluded for any logit range.
     other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
     return torch.clamp(other - true, min=-kappa)
+
+
+def unit_grad(logits):
+    """`logits`, unchanged, whose gradient is rescaled on its way back to max |g| = 1 per sample.
+    The sign steps of PGD and APGD are unchanged in exact arithmetic (each sample's loss, and so its
+    input gradient, is scaled by a positive number), but under fp16 autocast a confidently classified
+    point's gradient (e.g. 1 - p_y ~ 1e-9) no longer underflows to 0 in the network's backward, where
+    such a point would never move. Apply it to fp32 logits: `unit_grad(model(x).float())`."""
+    if logits.requires_grad:
+        logits.register_hook(lambda g: g / g.abs().amax(1, keepdim=True).clamp_min(1e-30))
+    return logits
 
 
 def _loss_fn(loss, kappa):

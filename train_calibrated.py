@@ -12,6 +12,7 @@ TRADES = --no-mask --no-weighted-ce --attack kl (TRADES' own beta is 6); Fig. 3 
 """
 import argparse
 import json
+import math
 import os
 import pickle
 import sys
@@ -91,14 +92,16 @@ def mask_loss(logits_cali, logits_adv, y, beta1):
     return kl(logits_cali, logits_adv) + beta1 * F.cross_entropy(logits_cali, y)   # Eq. (14)
 
 
-def train_step(model, mask_net, f_net, g_net, opt_f, opt_g, scaler, autocast, x, y, args):
+def train_step(model, mask_net, f_net, attack_net, g_net, opt_f, opt_g, scaler, autocast, x, y, args):
     """One batch of Sec. 4.4: attack -> step f on Eq. (13) -> step g_phi on Eq. (14) against the
-    updated f. `f_net`, `g_net`: model and mask_net, or their DDP / compiled wrappers. Passes, with
-    K = --steps: f K+4 forwards and K+2 backwards, g 1 and 1 (its forward serves both steps: M
-    depends on g alone); TRADES (--no-mask --no-weighted-ce --attack kl): f K+3 and K+1."""
+    updated f. `f_net`, `attack_net`, `g_net`: model and mask_net, or their wrappers (`wrap`).
+    Passes through f, with K = --steps: K+4 forwards (K attack, f(x) and f(x_cali) for f's step,
+    f(x') and f(x_cali) for g's) and K+3 backwards (K, f's step through both f(x) and f(x_cali),
+    g's step through f(x_cali)); through g 1 and 1 (its forward serves both steps: M depends on g
+    alone). TRADES (--no-mask --no-weighted-ce --attack kl): f K+3 forwards and K+2 backwards."""
     model.eval()  # attack f as it is evaluated (BN running statistics), as TRADES does
     with autocast():
-        delta = attack(model, x, y, args)                                  # Eq. (9)
+        delta = attack(attack_net, x, y, args)                             # Eq. (9)
         mask = None if args.no_mask else g_net(x, delta)                   # Eq. (11)
     # f's step; g frozen: its mask enters detached. --no-mask: M = 1, x_cali = x' (A2).
     x_cali = calibrate(x, delta, 1.0 if mask is None else mask.detach())   # Eq. (10)
@@ -123,8 +126,8 @@ def train_step(model, mask_net, f_net, g_net, opt_f, opt_g, scaler, autocast, x,
         opt_g.zero_grad(set_to_none=True)
         scaler.scale(loss_g).backward(inputs=list(mask_net.parameters()))
         scaler.step(opt_g)
-        m = mask.detach().float().flatten()  # quantiles of M's entries; kthvalue has no size limit
-        q05, q95 = (m.kthvalue(max(1, round(q * len(m)))).values for q in (0.05, 0.95))
+        m = mask.detach().float().flatten().sort().values  # quantiles of M's entries (one sort: no sync)
+        q05, q95 = (m[max(1, round(q * len(m))) - 1] for q in (0.05, 0.95))
         out.update(train_adv_acc=(logits_adv.argmax(1) == y).sum(), train_mask_loss=loss_g.detach() * len(y),
                    train_mask_mean=m.mean() * len(y), train_mask_q05=q05 * len(y), train_mask_q95=q95 * len(y))
     scaler.update()
@@ -202,7 +205,7 @@ def main(argv=None):
     model = get_model(args.arch, args.num_classes, args.in_channels, args.image_size).to(args.device)
     schedule = milestones(args, *PAPER_SCHEDULE["wrn34_10" if args.arch == "wrn34_10" else args.preset])
     optimizer, scheduler = make_optimizer(model, args.optimizer, args.lr, schedule, args)
-    f_net, autocast, scaler = wrap(model, args, world)  # one GradScaler for both nets
+    f_net, attack_net, autocast, scaler = wrap(model, args, world)  # one GradScaler for both nets
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     mask_net = g_net = mask_optimizer = mask_scheduler = None
     if not args.no_mask:  # g_phi: its own optimizer, f's lr schedule
@@ -215,9 +218,8 @@ def main(argv=None):
         torch.manual_seed(args.seed * 1_000_000 + epoch * 1000 + rank)  # by (seed, epoch, rank): exact --resume
         sums, t0 = Counter(), time.time()
         for x, y, _ in batches(train, epoch, args, world, rank):
-            sums.update(train_step(model, mask_net, f_net, g_net, optimizer, mask_optimizer, scaler, autocast,
-                                   x, y, args), n=len(y))
-            stop_if_not_finite(sums, epoch, args)
+            sums.update(train_step(model, mask_net, f_net, attack_net, g_net, optimizer, mask_optimizer, scaler,
+                                   autocast, x, y, args), n=len(y))
         rec = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], **epoch_means(sums, args, world),
                "seconds": time.time() - t0}
         scheduler.step()
@@ -264,14 +266,15 @@ def parse_args(p, argv):
     a("--out", help="output directory: model.pt, best.pt, log.jsonl (None = runs/SCRIPT)")
     a("--resume", nargs="?", const="", help="continue from OUT/model.pt, or from the checkpoint given")
     a("--overwrite", action="store_true", help="start over in an --out that holds a run")
-    a("--workers", type=int, default=0, help="DataLoader worker processes")
+    a("--workers", type=int, help="DataLoader worker processes (None: 0 on the CPU; on CUDA min(8, CPU cores "
+      "per process), so that loading and augmentation overlap the GPU)")
     a("--amp", nargs="?", const="bf16", default="off", choices=["off", "bf16", "fp16"],
       help="CUDA autocast: --amp is bf16, --amp fp16 adds a GradScaler")
     a("--channels-last", action="store_true", help="NHWC memory format (CUDA tensor cores)")
     a("--compile", action="store_true", help="torch.compile the training forward")
     args = p.parse_args(argv)
     sizes = [args.epochs, args.batch_size, args.eval_size, args.train_size or 1, args.test_size or 1]
-    if min(sizes + (args.milestones or [1])) < 1 or min(args.val_size, args.workers) < 0:
+    if min(sizes + (args.milestones or [1])) < 1 or min(args.val_size, args.workers or 0) < 0:
         p.error("need epochs, batch, eval, train, test sizes and milestones >= 1, val-size and workers >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
@@ -328,7 +331,7 @@ def get_data(args):
 
 def batches(data, epoch, args, world, rank):
     """The epoch's shuffled shard on the device, by (seed, epoch); a progress line on a terminal."""
-    sampler = DistributedSampler(data, world, rank, shuffle=True, seed=args.seed)
+    sampler = DistributedSampler(data, world, rank, shuffle=True, seed=args.seed, drop_last=True)  # no index twice
     sampler.set_epoch(epoch)
     loader = DataLoader(data, args.batch_size, sampler=sampler, num_workers=args.workers,
                         pin_memory=args.device.startswith("cuda"))
@@ -336,19 +339,13 @@ def batches(data, epoch, args, world, rank):
     for i, (x, y, idx) in enumerate(loader):
         x = x.to(args.device, non_blocking=True,
                  memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
-        yield x, y.to(args.device), idx.to(args.device)
+        yield x, y.to(args.device, non_blocking=True), idx.to(args.device, non_blocking=True)
         if tty:
             rate = (i + 1) * args.batch_size * world / (time.time() - t0)
             print(f"\repoch {epoch + 1}: batch {i + 1}/{len(loader)}, {rate:.0f} images/s, "
                   f"{(len(loader) - i - 1) * args.batch_size * world / rate:.0f} s left ", end="", file=sys.stderr)
     if tty:
         print("\r\033[K", end="", file=sys.stderr)  # clear the progress line
-
-
-def stop_if_not_finite(sums, epoch, args):
-    if not torch.isfinite(sums["train_loss"]):  # each rank checks; torchrun then stops the others
-        sys.exit(f"error: non-finite loss at epoch {epoch + 1}, batch {-(-sums['n'] // args.batch_size)}; "
-                 f"{args.out}/model.pt keeps the last good state (epoch {epoch})")
 
 
 def epoch_means(sums, args, world):
@@ -378,6 +375,8 @@ def accuracy(model, data, eps, args, n):
 def end_epoch(rec, model, data, state, best, eval_eps, args):
     """Add clean / PGD-10 accuracies to the epoch's record and log it; save model.pt and, when the
     validation PGD accuracy (clean breaks ties) improves, best.pt. Returns the best so far."""
+    if not math.isfinite(rec["train_loss"]):  # the all-reduced epoch mean: every rank stops, no per-batch sync
+        sys.exit(f"error: non-finite loss in epoch {rec['epoch']}; {args.out}/model.pt keeps epoch {rec['epoch'] - 1}")
     if not is_main():
         return best
     train, val, test = data
@@ -433,7 +432,7 @@ def open_run(args, state):
     for k, obj in state.items():
         if torch.is_tensor(obj):
             obj.copy_(ck[k])
-        else:
+        elif ck[k]:  # {}: a GradScaler saved disabled (--amp off or bf16); under --amp fp16 a fresh one
             obj.load_state_dict(ck[k])
     if is_main() and os.path.exists(log_path):  # keep the log lines of the epochs the checkpoint holds
         lines = [line for line in open(log_path) if json.loads(line)["epoch"] <= ck["epoch"]]
@@ -447,27 +446,35 @@ def is_main():
 
 
 def setup(args):
-    """Resolve the device, join the process group under torchrun, seed the weights: (world, rank)."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    """Resolve the device and workers, join the process group under torchrun, seed the weights: (world, rank)."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.device == "cuda" and local >= torch.cuda.device_count():
+        sys.exit(f"error: LOCAL_RANK {local} but {torch.cuda.device_count()} CUDA device(s): lower --nproc_per_node")
+    if args.device == "cuda":  # this rank's GPU before the process group, so NCCL binds it; cuDNN picks its kernels
+        args.device, torch.backends.cudnn.benchmark = f"cuda:{local}", True
+        torch.cuda.set_device(args.device)
+    cores = (os.cpu_count() or 1) // world  # on CUDA, worker processes load and augment while the GPU computes
+    args.workers = args.workers if args.workers is not None else 0 if args.device == "cpu" else min(8, cores)
     if world > 1:
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        if args.device == "cuda":
-            args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     torch.manual_seed(args.seed)
     return world, rank
 
 
 def wrap(model, args, world):
-    """(net, autocast, scaler): what the training forward runs through (DDP under torchrun,
-    torch.compile if asked), the --amp autocast context and its GradScaler (fp16 only)."""
+    """(net, attack_net, autocast, scaler): what the training forward runs through (DDP under torchrun,
+    torch.compile if asked), what the training attack queries (compiled too; never DDP: it takes no
+    parameter gradient), the --amp autocast context and its GradScaler (fp16 only)."""
     model.to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     net = DistributedDataParallel(model) if world > 1 else model
+    attack_net = torch.compile(model) if args.compile else model
+    if args.amp == "fp16":  # else confidently classified points' input gradients underflow to 0 and never move
+        attack_net = lambda x, fast=attack_net: attacks.unit_grad(fast(x).float())
     dtype = torch.float16 if args.amp == "fp16" else torch.bfloat16
     autocast = lambda: torch.autocast(args.device.split(":")[0], dtype, enabled=args.amp != "off")
     scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.amp == "fp16")
-    return torch.compile(net) if args.compile else net, autocast, scaler
+    return torch.compile(net) if args.compile else net, attack_net, autocast, scaler
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Adp-Adv (IAAT) = --c 0 --loss ce, CAT = the defaults (mixed loss, as in Table 3)
 """
 import argparse
 import json
+import math
 import os
 import pickle
 import sys
@@ -38,13 +39,14 @@ PAPER_EPOCHS, PAPER_MILESTONES = 200, (80, 140, 180)  # Sec. 5, "Implementation 
 # ------------------------------------------------------------------ the method (Sec. 3, Alg. 1)
 
 def adaptive_labels(y, eps, c, beta, num_classes):
-    """Eq. (4): y~_i = (1 - c eps_i) onehot(y_i) + c eps_i Dirichlet(beta), one draw per sample."""
+    """Eq. (4): y~_i = (1 - c eps_i) onehot(y_i) + c eps_i Dirichlet(beta), one draw per sample
+    (unvalidated: the argument check would cost a host sync every batch on CUDA)."""
     onehot = F.one_hot(y, num_classes).float()
     if c == 0:  # no label adaptation (Table 6 "Adp-Adv"); skip the Dirichlet draw
         return onehot
     concentration = torch.full((len(y), num_classes), float(beta), device=y.device)
     w = (c * eps).float()[:, None]
-    return (1 - w) * onehot + w * torch.distributions.Dirichlet(concentration).sample()
+    return (1 - w) * onehot + w * torch.distributions.Dirichlet(concentration, validate_args=False).sample()
 
 
 def update_epsilons(eps, attack_succeeded, eta, eps_max):
@@ -63,16 +65,16 @@ def mixed_loss(logits, y_soft, y, kappa):
     return soft_ce(logits, y_soft) + attacks.cw_margin(logits, y, kappa)
 
 
-def train_step(model, net, optimizer, scaler, autocast, x, y, idx, eps_table, args):
+def train_step(model, net, attack_net, optimizer, scaler, autocast, x, y, idx, eps_table, args):
     """One batch of Algorithm 1: `steps` forward+backward passes for the attack and one for the
-    update, as PGD-AT. `net` is `model` or its DDP / compiled wrapper."""
+    update, as PGD-AT. `net`, `attack_net`: `model` or its wrappers (`wrap`)."""
     eps = torch.full_like(y, args.eps_max, dtype=torch.float) if args.fixed_eps else eps_table[idx]
     radius = eps if args.fixed_eps else eps + args.eta      # Alg. 1: eps_i <- eps_i + eta
     per_sample = (lambda z, ys: mixed_loss(z, ys, y, args.kappa)) if args.loss == "mix" else soft_ce
     y_soft = adaptive_labels(y, eps, args.c, args.beta, args.num_classes)  # Eq. (4), current eps_i
     model.eval()  # attack the model as it is evaluated (BN running statistics), as TRADES does
     with autocast():
-        x_adv = attacks.pgd(model, x, y, radius, args.alpha * radius, args.steps,
+        x_adv = attacks.pgd(attack_net, x, y, radius, args.alpha * radius, args.steps,
                             loss=lambda z, _: per_sample(z.float(), y_soft))
     model.train()
     with autocast():
@@ -162,15 +164,15 @@ def main(argv=None):
         else torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones(args, PAPER_EPOCHS, PAPER_MILESTONES))
     eps_table = torch.zeros(len(train), device=args.device)  # Sec. 3.1: every eps_i starts at 0
-    net, autocast, scaler = wrap(model, args, world)
+    net, attack_net, autocast, scaler = wrap(model, args, world)
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "eps": eps_table}
     start, best = open_run(args, state)
     for epoch in range(start, args.epochs):
         torch.manual_seed(args.seed * 1_000_000 + epoch * 1000 + rank)  # by (seed, epoch, rank): exact --resume
         sums, t0 = Counter(), time.time()
         for x, y, idx in batches(train, epoch, args, world, rank):
-            sums.update(train_step(model, net, optimizer, scaler, autocast, x, y, idx, eps_table, args), n=len(y))
-            stop_if_not_finite(sums, epoch, args)
+            sums.update(train_step(model, net, attack_net, optimizer, scaler, autocast, x, y, idx, eps_table, args),
+                        n=len(y))
         rec = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], **epoch_means(sums, args, world),
                **eps_stats(eps_table, args), "seconds": time.time() - t0}
         scheduler.step()
@@ -210,14 +212,15 @@ def parse_args(p, argv):
     a("--out", help="output directory: model.pt, best.pt, log.jsonl (None = runs/SCRIPT)")
     a("--resume", nargs="?", const="", help="continue from OUT/model.pt, or from the checkpoint given")
     a("--overwrite", action="store_true", help="start over in an --out that holds a run")
-    a("--workers", type=int, default=0, help="DataLoader worker processes")
+    a("--workers", type=int, help="DataLoader worker processes (None: 0 on the CPU; on CUDA min(8, CPU cores "
+      "per process), so that loading and augmentation overlap the GPU)")
     a("--amp", nargs="?", const="bf16", default="off", choices=["off", "bf16", "fp16"],
       help="CUDA autocast: --amp is bf16, --amp fp16 adds a GradScaler")
     a("--channels-last", action="store_true", help="NHWC memory format (CUDA tensor cores)")
     a("--compile", action="store_true", help="torch.compile the training forward")
     args = p.parse_args(argv)
     sizes = [args.epochs, args.batch_size, args.eval_size, args.train_size or 1, args.test_size or 1]
-    if min(sizes + (args.milestones or [1])) < 1 or min(args.val_size, args.workers) < 0:
+    if min(sizes + (args.milestones or [1])) < 1 or min(args.val_size, args.workers or 0) < 0:
         p.error("need epochs, batch, eval, train, test sizes and milestones >= 1, val-size and workers >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
@@ -274,7 +277,7 @@ def get_data(args):
 
 def batches(data, epoch, args, world, rank):
     """The epoch's shuffled shard on the device, by (seed, epoch); a progress line on a terminal."""
-    sampler = DistributedSampler(data, world, rank, shuffle=True, seed=args.seed)
+    sampler = DistributedSampler(data, world, rank, shuffle=True, seed=args.seed, drop_last=True)  # no index twice
     sampler.set_epoch(epoch)
     loader = DataLoader(data, args.batch_size, sampler=sampler, num_workers=args.workers,
                         pin_memory=args.device.startswith("cuda"))
@@ -282,19 +285,13 @@ def batches(data, epoch, args, world, rank):
     for i, (x, y, idx) in enumerate(loader):
         x = x.to(args.device, non_blocking=True,
                  memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
-        yield x, y.to(args.device), idx.to(args.device)
+        yield x, y.to(args.device, non_blocking=True), idx.to(args.device, non_blocking=True)
         if tty:
             rate = (i + 1) * args.batch_size * world / (time.time() - t0)
             print(f"\repoch {epoch + 1}: batch {i + 1}/{len(loader)}, {rate:.0f} images/s, "
                   f"{(len(loader) - i - 1) * args.batch_size * world / rate:.0f} s left ", end="", file=sys.stderr)
     if tty:
         print("\r\033[K", end="", file=sys.stderr)  # clear the progress line
-
-
-def stop_if_not_finite(sums, epoch, args):
-    if not torch.isfinite(sums["train_loss"]):  # each rank checks; torchrun then stops the others
-        sys.exit(f"error: non-finite loss at epoch {epoch + 1}, batch {-(-sums['n'] // args.batch_size)}; "
-                 f"{args.out}/model.pt keeps the last good state (epoch {epoch})")
 
 
 def epoch_means(sums, args, world):
@@ -324,6 +321,8 @@ def accuracy(model, data, eps, args, n):
 def end_epoch(rec, model, data, state, best, eval_eps, args):
     """Add clean / PGD-10 accuracies to the epoch's record and log it; save model.pt and, when the
     validation PGD accuracy (clean breaks ties) improves, best.pt. Returns the best so far."""
+    if not math.isfinite(rec["train_loss"]):  # the all-reduced epoch mean: every rank stops, no per-batch sync
+        sys.exit(f"error: non-finite loss in epoch {rec['epoch']}; {args.out}/model.pt keeps epoch {rec['epoch'] - 1}")
     if not is_main():
         return best
     train, val, test = data
@@ -379,7 +378,7 @@ def open_run(args, state):
     for k, obj in state.items():
         if torch.is_tensor(obj):
             obj.copy_(ck[k])
-        else:
+        elif ck[k]:  # {}: a GradScaler saved disabled (--amp off or bf16); under --amp fp16 a fresh one
             obj.load_state_dict(ck[k])
     if is_main() and os.path.exists(log_path):  # keep the log lines of the epochs the checkpoint holds
         lines = [line for line in open(log_path) if json.loads(line)["epoch"] <= ck["epoch"]]
@@ -393,27 +392,35 @@ def is_main():
 
 
 def setup(args):
-    """Resolve the device, join the process group under torchrun, seed the weights: (world, rank)."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    """Resolve the device and workers, join the process group under torchrun, seed the weights: (world, rank)."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.device == "cuda" and local >= torch.cuda.device_count():
+        sys.exit(f"error: LOCAL_RANK {local} but {torch.cuda.device_count()} CUDA device(s): lower --nproc_per_node")
+    if args.device == "cuda":  # this rank's GPU before the process group, so NCCL binds it; cuDNN picks its kernels
+        args.device, torch.backends.cudnn.benchmark = f"cuda:{local}", True
+        torch.cuda.set_device(args.device)
+    cores = (os.cpu_count() or 1) // world  # on CUDA, worker processes load and augment while the GPU computes
+    args.workers = args.workers if args.workers is not None else 0 if args.device == "cpu" else min(8, cores)
     if world > 1:
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        if args.device == "cuda":
-            args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     torch.manual_seed(args.seed)
     return world, rank
 
 
 def wrap(model, args, world):
-    """(net, autocast, scaler): what the training forward runs through (DDP under torchrun,
-    torch.compile if asked), the --amp autocast context and its GradScaler (fp16 only)."""
+    """(net, attack_net, autocast, scaler): what the training forward runs through (DDP under torchrun,
+    torch.compile if asked), what the training attack queries (compiled too; never DDP: it takes no
+    parameter gradient), the --amp autocast context and its GradScaler (fp16 only)."""
     model.to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     net = DistributedDataParallel(model) if world > 1 else model
+    attack_net = torch.compile(model) if args.compile else model
+    if args.amp == "fp16":  # else confidently classified points' input gradients underflow to 0 and never move
+        attack_net = lambda x, fast=attack_net: attacks.unit_grad(fast(x).float())
     dtype = torch.float16 if args.amp == "fp16" else torch.bfloat16
     autocast = lambda: torch.autocast(args.device.split(":")[0], dtype, enabled=args.amp != "off")
     scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.amp == "fp16")
-    return torch.compile(net) if args.compile else net, autocast, scaler
+    return torch.compile(net) if args.compile else net, attack_net, autocast, scaler
 
 
 if __name__ == "__main__":

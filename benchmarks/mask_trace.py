@@ -38,7 +38,7 @@ def trace(opt, lr, a):
     scaler, nullctx = torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", enabled=False)
     rows, t0 = [], time.time()
     for b, (x, y, _) in enumerate(cal.batches(train, 0, args, world, rank), 1):
-        out = cal.train_step(f, g, f, g, opt_f, opt_g, scaler, lambda: nullctx, x, y, args)
+        out = cal.train_step(f, g, f, f, g, opt_f, opt_g, scaler, lambda: nullctx, x, y, args)
         if b in SHOW or b == a.batches:
             row = {k.removeprefix("train_"): round(float(out[k]) / len(y), 4)
                    for k in ("train_mask_mean", "train_mask_q05", "train_mask_q95")}

@@ -50,21 +50,23 @@ def customized_step(flags, shape, common):
     args.num_classes, args.in_channels, args.image_size = 10, shape[0], shape[-1]
     model = get_model(args.arch, 10, shape[0], shape[-1]).to(args.device)
     opt = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
-    net, autocast, scaler = train_customized.wrap(model, args, 1)
+    net, attack_net, autocast, scaler = train_customized.wrap(model, args, 1)
     table = torch.zeros(args.batch_size, device=args.device)
-    return lambda x, y, idx: train_customized.train_step(model, net, opt, scaler, autocast, x, y, idx, table, args)
+    step = train_customized.train_step
+    return lambda x, y, idx: step(model, net, attack_net, opt, scaler, autocast, x, y, idx, table, args)
 
 
 def calibrated_step(flags, shape, common):
     args = train_calibrated.get_args([*common, *flags])
     args.num_classes, args.in_channels, args.image_size = 10, shape[0], shape[-1]
     model = get_model(args.arch, 10, shape[0], shape[-1]).to(args.device)
-    net, autocast, scaler = train_calibrated.wrap(model, args, 1)
+    net, attack_net, autocast, scaler = train_calibrated.wrap(model, args, 1)
     mask_net = None if args.no_mask else get_mask_net(args.mask_arch, shape[0]).to(args.device)
     f_opt = train_calibrated.make_optimizer(model, args.optimizer, args.lr, [], args)[0]
     g_opt = mask_net and train_calibrated.make_optimizer(mask_net, args.mask_optimizer, args.mask_lr, [], args)[0]
-    return lambda x, y, idx: train_calibrated.train_step(model, mask_net, net, mask_net, f_opt, g_opt, scaler,
-                                                         autocast, x, y, args)
+    step = train_calibrated.train_step
+    return lambda x, y, idx: step(model, mask_net, net, attack_net, mask_net, f_opt, g_opt, scaler, autocast, x, y,
+                                  args)
 
 
 def textbook_pgd(model, x, y, eps, alpha, steps):
