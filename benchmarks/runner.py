@@ -1,0 +1,224 @@
+"""What mnist_table1.py and cifar10_tables.py share: a table row, run by the project's real CLIs.
+
+A job is one (row, seed), its steps skipped where their result is already in the results file:
+
+  1. train (or --resume) the row's command in OUT/ROW_seedS/; a half-trained row carried from an
+     earlier session in benchmarks/results/<table>_partial/ROW_seedS/ (model.pt, log.jsonl,
+     commit.txt) continues from there;
+  2. the paper's evaluation (evaluate.py). A row already in the results file without a kept model
+     (trained before models were kept) is retrained: if its per-epoch log equals the landed one in
+     every value but seconds and images/s, training reproduced it and its landed accuracies stand;
+     otherwise it is re-evaluated and the landed numbers stay beside the new ones;
+  3. the final classifier, weights only, kept as RESULTS_DIR/checkpoints/ROW_seedS.pt (its sha256 in
+     the row): `python evaluate.py --ckpt` re-checks any number without retraining;
+  4. the strong evaluation of that file: evaluate.py's whole chain (the paper's attacks, APGD-CE,
+     APGD-T, Square), each attack alone, its per-sample worst case ("any") and the masking flags.
+
+The results file is written as each step lands, under a file lock (jobs run in threads, and two
+invocations may share the file), so a session can end at any time.
+"""
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UNTIMED = lambda log: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in log]
+rel = lambda path: os.path.relpath(path, REPO)  # the commands run in the repository root
+
+
+def call(cmd, log, threads=1):
+    """Run a CLI of this project (on the CPU: `threads` threads), output to `log`; (seconds, exit code)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    t0 = time.time()
+    with open(log, "a") as f:
+        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    return time.time() - t0, rc
+
+
+def commit():
+    """HEAD, with "-dirty" when a tracked file differs from it; the results the tables write do not count."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+    return (git("rev-parse", "--short=12", "HEAD") or "unknown") + ("-dirty" if dirty else "")
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def load(path):
+    return json.load(open(path)) if os.path.exists(path) else {"rows": []}
+
+
+def save(row, path, order):
+    """Put `row` into the results file under a file lock, rows sorted by (order.index(name), seed)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load(path)
+        results["rows"] = [r for r in results["rows"] if (r["name"], r["seed"]) != (row["name"], row["seed"])]
+        results["rows"] = sorted(results["rows"] + [row], key=lambda r: (order.index(r["name"]), r["seed"]))
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
+def evaluate(ckpt, flags, out, args):
+    """evaluate.py on `ckpt` with `flags`, its JSON to `out`: (command, seconds, report), or None."""
+    cmd = ["evaluate.py", "--ckpt", rel(ckpt), *flags, "--data-dir", rel(args.data_dir), "--device", args.device,
+           "--out", rel(out)]
+    seconds, rc = call([sys.executable, *cmd], os.path.splitext(out)[0] + ".txt", args.threads)
+    if rc:
+        print(f"{rel(ckpt)}: evaluate.py exited {rc}, see {os.path.splitext(out)[0]}.txt", flush=True)
+        return None
+    return "python " + " ".join(cmd), seconds, json.load(open(out))
+
+
+def accuracies(report):
+    """{"natural", attack name: accuracy, ...} of an evaluate.py report."""
+    return {"natural": report["natural"], **{a["name"]: a["accuracy"] for a in report["attacks"]}}
+
+
+def export(run_ckpt, path):
+    """The final classifier alone, weights only (no optimizer, no mask net, no eps table), with what
+    evaluate.py needs to rebuild it; written atomically. Returns {"path", "sha256"}."""
+    ck = torch.load(run_ckpt, map_location="cpu", weights_only=True)
+    keep = {k: ck[k] for k in ("model", "arch", "num_classes", "in_channels", "image_size", "dataset", "method",
+                               "epoch", "args")}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(keep, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return {"path": rel(path), "sha256": sha256(path)}
+
+
+def train_command(spec, args, out):
+    return [spec["script"], *spec["flags"], "--epochs", str(spec["epochs"]), "--seed", str(spec["seed"]),
+            "--device", args.device, "--out", rel(out)] + (["--train-size", str(args.train_size)] if args.train_size
+                                                          else [])
+
+
+def train(spec, args, out, partial):
+    """Step 1; returns the command, or None if training failed."""
+    cmd, ckpt = train_command(spec, args, out), os.path.join(out, "model.pt")
+    carried = os.path.join(partial, os.path.basename(out))
+    if not os.path.exists(ckpt) and os.path.exists(os.path.join(carried, "model.pt")) and not args.quick:
+        shutil.copytree(carried, out, dirs_exist_ok=True)
+    done = lambda: [json.loads(line)["epoch"] for line in open(os.path.join(out, "log.jsonl"))][-1:] == [spec["epochs"]]
+    if not (os.path.exists(ckpt) and done()):
+        resume = ["--resume"] if os.path.exists(ckpt) else ["--overwrite"]
+        print(f"{spec['name']} seed {spec['seed']}: training ({' '.join(resume)})", flush=True)
+        with open(os.path.join(out, "commit.txt"), "a") as f:  # the code each (re)start of training ran
+            f.write(commit() + "\n")
+        _, rc = call([sys.executable, *cmd, *resume], os.path.join(out, "train.txt"), args.threads)
+        if rc:
+            print(f"{spec['name']} seed {spec['seed']}: training exited {rc}, see {out}/train.txt", flush=True)
+            return None
+    return "python " + " ".join(cmd)
+
+
+def train_and_evaluate(spec, args, landed, partial):
+    """Steps 1-3 of a job; returns its row, or None if a step failed."""
+    name, seed = spec["name"], spec["seed"]
+    out = os.path.join(args.out, f"{name}_seed{seed}")
+    os.makedirs(out, exist_ok=True)
+    command = train(spec, args, out, partial)
+    if command is None:
+        return None
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    row = {"name": name, "seed": seed, "epochs": spec["epochs"], "command": command,
+           "commit": " ".join(dict.fromkeys(open(os.path.join(out, "commit.txt")).read().split())),
+           "seconds": sum(r["seconds"] for r in log), "epoch_log": log}
+    if "train_mask_mean" in log[0]:
+        row["mask_mean_per_epoch"] = [r["train_mask_mean"] for r in log]
+    if landed:  # trained before models were kept: the same command again
+        row["reproduced"] = {"log_equal": UNTIMED(log) == UNTIMED(landed["epoch_log"]),
+                             "landed_commit": landed["commit"], "landed_seconds": landed["seconds"]}
+    if landed and row["reproduced"]["log_equal"]:  # the same model: its numbers stand
+        row.update({k: landed[k] for k in ("eval_command", "eval_commit", "eval_seconds", "n_test", "acc")})
+    else:
+        print(f"{name} seed {seed}: evaluating", flush=True)
+        n = ["--n-examples", str(args.n_test)] if args.n_test else []
+        got = evaluate(os.path.join(out, "model.pt"), spec["eval"] + n, os.path.join(out, "eval.json"), args)
+        if got is None:
+            return None
+        cmd, seconds, ev = got
+        row.update(eval_command=cmd, eval_commit=commit(), eval_seconds=seconds, n_test=ev["n_examples"],
+                   acc=accuracies(ev))
+        if landed:  # the difference is reported: the landed row's numbers and log stay beside
+            row["reproduced"].update(landed_acc=landed["acc"], landed_epoch_log=landed["epoch_log"])
+    row["checkpoint"] = export(os.path.join(out, "model.pt"), os.path.join(args.checkpoints, f"{name}_seed{seed}.pt"))
+    shutil.rmtree(os.path.join(partial, os.path.basename(out)), ignore_errors=True)  # trained and kept
+    print(f"{name} seed {seed}: " + " ".join(f"{k} {100 * v:.1f}" for k, v in row["acc"].items()), flush=True)
+    return row
+
+
+def strong_evaluation(spec, row, args):
+    """Step 4: the whole chain on the kept checkpoint, each attack alone: the row's new keys, or None."""
+    name, seed = spec["name"], spec["seed"]
+    queries = args.square_queries_later if seed > 0 and args.square_queries_later else args.square_queries
+    out = os.path.join(args.out, f"{name}_seed{seed}", "strong.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    print(f"{name} seed {seed}: strong evaluation ({queries} Square queries)", flush=True)
+    flags = [*spec["strong"], "--attack-all", "--n-examples", str(args.n_strong), "--square-queries", str(queries)]
+    got = evaluate(os.path.join(REPO, row["checkpoint"]["path"]), flags + args.strong_extra, out, args)
+    if got is None:
+        return None
+    cmd, seconds, ev = got
+    if ev["checkpoint"]["sha256"] != row["checkpoint"]["sha256"]:
+        print(f"{name} seed {seed}: the evaluated file is not the kept checkpoint; not recorded", flush=True)
+        return None
+    acc = {"n": ev["n_examples"], **accuracies(ev), "any": ev["any_attack"],
+           "sanity_eps0.5": ev["sanity"]["accuracy"] if ev["sanity"] else None}
+    print(f"{name} seed {seed}: strong " + " ".join(f"{k} {100 * v:.1f}" for k, v in acc.items()
+                                                     if k != "n" and v is not None), flush=True)
+    return {"acc_strong": acc, "flags": [k for k, f in ev["flags"].items() if f["raised"]],
+            "strong": {"command": cmd, "commit": commit(), "seconds": seconds, "square_queries": queries,
+                       "flag_details": {k: f["detail"] for k, f in ev["flags"].items()},
+                       "attack_seconds": {a["name"]: a["seconds"] for a in ev["attacks"]}}}
+
+
+def run_job(spec, args, order, partial):
+    """Whatever of steps 1-4 the (row, seed) still lacks. spec: name, seed, script, epochs, flags
+    (training, without --epochs, --seed, --device, --out), eval and strong (evaluate.py's flags)."""
+    name, seed = spec["name"], spec["seed"]
+    row = next((r for r in load(args.results)["rows"] if (r["name"], r["seed"]) == (name, seed)), None)
+    if row and "checkpoint" in row:
+        path = os.path.join(REPO, row["checkpoint"]["path"])
+        if not os.path.exists(path) or sha256(path) != row["checkpoint"]["sha256"]:
+            print(f"{name} seed {seed}: {row['checkpoint']['path']} is missing or not the file of its sha256; "
+                  "skipped (restore it from git)", flush=True)
+            return
+    else:
+        row = train_and_evaluate(spec, args, row, partial)
+        if row is None:
+            return
+        save(row, args.results, order)
+    if "acc_strong" not in row and not args.no_strong:
+        strong = strong_evaluation(spec, row, args)
+        if strong is not None:
+            save({**row, **strong}, args.results, order)
+
+
+def add_arguments(p, results, epochs):
+    """The flags every table takes; `results`: the default results file, `epochs`: the default budget."""
+    a = p.add_argument
+    a("--seeds", type=int, nargs="+", default=[0])
+    a("--epochs", type=int, help=f"epochs of every row (default {epochs})")
+    a("--n-test", type=int, help="the paper's evaluation on the first N test images (default: all)")
+    a("--n-strong", type=int, help="the strong evaluation on the first N test images (default 1000)")
+    a("--square-queries", type=int, help="Square's queries (default: AutoAttack's 5000)")
+    a("--square-queries-later", type=int, help="Square's queries for seeds > 0 (default: the same)")
+    a("--no-strong", action="store_true", help="stop after the checkpoint (step 3)")
+    a("--train-size", type=int, help="train on N images (default: all)")
+    a("--jobs", type=int, default=1, help="jobs in parallel")
+    a("--out", help="run directories (default: runs/TABLE)")
+    a("--results", help=f"the results file; checkpoints go beside it (default: {rel(results)})")
+    a("--summary", action="store_true", help="print the tables of the results file and exit")
