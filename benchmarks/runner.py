@@ -54,6 +54,16 @@ def sha256(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def machine(args):
+    """Where a row ran: bit-exact CPU training depends on the CPU's kernels (oneDNN, MKL pick them by ISA)."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               "?") if os.path.exists("/proc/cpuinfo") else "?"
+    isa = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+           if k in os.environ}
+    return {"device": args.device, "cpu": cpu, "cores": os.cpu_count(), "threads": args.threads,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__, **isa}
+
+
 def load(path):
     return json.load(open(path)) if os.path.exists(path) else {"rows": []}
 
@@ -135,7 +145,7 @@ def train_and_evaluate(spec, args, landed, partial):
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     row = {"name": name, "seed": seed, "epochs": spec["epochs"], "command": command,
            "commit": " ".join(dict.fromkeys(open(os.path.join(out, "commit.txt")).read().split())),
-           "seconds": sum(r["seconds"] for r in log), "epoch_log": log}
+           "seconds": sum(r["seconds"] for r in log), "machine": machine(args), "epoch_log": log}
     if "train_mask_mean" in log[0]:
         row["mask_mean_per_epoch"] = [r["train_mask_mean"] for r in log]
     if landed:  # trained before models were kept: the same command again
