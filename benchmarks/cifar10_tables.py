@@ -168,11 +168,7 @@ def main():
     args.speed, args.eval_speed = (["--amp", "--channels-last"],) * 2 if args.speed else ([], [])
     args.attack_steps = ["--steps", str(args.attack_steps)] if args.attack_steps else []
     args.quick, args.strong_extra, args.threads = False, [], os.cpu_count() or 1
-    smoke = "_smoke" if args.smoke else ""
-    args.out = os.path.abspath(args.out or os.path.join(R.REPO, "runs", "cifar10_tables" + smoke))
-    args.results = os.path.abspath(args.results or (os.path.join(args.out, "results.json") if smoke else RESULTS))
-    args.checkpoints = os.path.join(os.path.dirname(args.results), "checkpoints")
-    args.data_dir = os.path.abspath(args.data_dir)
+    R.paths(args, "cifar10_tables", RESULTS, "_smoke" if args.smoke else "")
     if args.summary:
         print(table(R.load(args.results)["rows"]))
         return

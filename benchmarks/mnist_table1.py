@@ -177,11 +177,7 @@ def main():
                            ("n_strong", 1000, 50), ("square_queries", 5000, 20)):
         unset(k, full, quick)
     args.strong_extra, args.threads = ["--steps", "5"] if args.quick else [], 1
-    quick = "_quick" if args.quick else ""
-    args.out = os.path.abspath(args.out or os.path.join(R.REPO, "runs", "mnist_table1" + quick))
-    args.results = os.path.abspath(args.results or (os.path.join(args.out, "results.json") if quick else RESULTS))
-    args.checkpoints = os.path.join(os.path.dirname(args.results), "checkpoints")
-    args.data_dir = os.path.abspath(args.data_dir)
+    R.paths(args, "mnist_table1", RESULTS, "_quick" if args.quick else "")
     if args.summary:
         rows = R.load(args.results)["rows"]
         print(table(rows) + "\n\n" + summary(rows))

@@ -217,6 +217,15 @@ def run_job(spec, args, order, partial):
             save({**row, **strong}, args.results, order)
 
 
+def paths(args, table, results, trial=""):
+    """Absolute --out, --results, the checkpoints beside the results and --data-dir; a trial run
+    (`trial`: its suffix) keeps its results in its own run directory, never in benchmarks/results."""
+    args.out = os.path.abspath(args.out or os.path.join(REPO, "runs", table + trial))
+    args.results = os.path.abspath(args.results or (os.path.join(args.out, "results.json") if trial else results))
+    args.checkpoints = os.path.join(os.path.dirname(args.results), "checkpoints")
+    args.data_dir = os.path.abspath(args.data_dir)
+
+
 def add_arguments(p, results, epochs):
     """The flags every table takes; `results`: the default results file, `epochs`: the default budget."""
     a = p.add_argument
