@@ -196,8 +196,21 @@ def strong_evaluation(spec, row, args):
 
 
 def run_job(spec, args, order, partial):
-    """Whatever of steps 1-4 the (row, seed) still lacks. spec: name, seed, script, epochs, flags
-    (training, without --epochs, --seed, --device, --out), eval and strong (evaluate.py's flags)."""
+    """Whatever of steps 1-4 the (row, seed) still lacks, unless another invocation is running it.
+    spec: name, seed, script, epochs, flags (training, without --epochs, --seed, --device, --out),
+    eval and strong (evaluate.py's flags)."""
+    out = os.path.join(args.out, f"{spec['name']}_seed{spec['seed']}")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "job.lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{spec['name']} seed {spec['seed']}: another invocation runs it; skipped", flush=True)
+            return
+        job(spec, args, order, partial)
+
+
+def job(spec, args, order, partial):
     name, seed = spec["name"], spec["seed"]
     row = next((r for r in load(args.results)["rows"] if (r["name"], r["seed"]) == (name, seed)), None)
     if row and "checkpoint" in row:
