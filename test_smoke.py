@@ -1567,8 +1567,8 @@ def test_cuda_fp16_resume_of_an_fp32_run_and_local_rank_check(tmp_path):
 
 @cuda
 def test_cuda_train_steps_do_not_sync_the_host():
-    """No host sync inside a training step (fp32 and bf16; fp16's GradScaler checks for inf once a
-    step by design): the GPU is never left waiting for Python."""
+    """No host sync inside a training step (fp32 and bf16; fp16's GradScaler reads its inf check once
+    per optimizer step, by design): the GPU is never left waiting for Python."""
     x, y = torch.rand(32, 1, 28, 28, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
     steps = []
     for amp in ("off", "bf16"):

@@ -20,8 +20,8 @@ evaluate.py on a just-trained checkpoint, plain and with --amp --channels-last -
 --workers 4 (accuracies within 2 points); a run killed (SIGKILL) after its first epoch and
 resumed to the end; torchrun with 2 processes when 2 GPUs exist. Last, the projected training
 hours of each paper run from the measured images/s (50,000 images an epoch; evaluation apart).
-Failures: an exception, a host sync in an fp32 / bf16 step (fp16's GradScaler checks for inf once
-a step), a loss more than 15 % from fp32's, fp16's zero-gradient share 0.05 above fp32's, an
+Failures: an exception, a host sync in an fp32 / bf16 step (fp16's GradScaler reads its inf check
+once per optimizer step), a loss more than 15 % from fp32's, fp16's zero-gradient share 0.05 above fp32's, an
 evaluation differing by more than 2 points, a resume that does not finish.
 """
 import argparse
@@ -308,7 +308,9 @@ def judge(report, a):
     fp32 = {(r["method"], r["arch"]): r for r in report["rows"] if r["precision"] == "fp32"}
     for r in report["rows"]:
         name, base = f"{r['method']} {r['precision']} {r['arch']}", fp32.get((r["method"], r["arch"]))
-        if r["syncs_per_batch"] is not None and r["syncs_per_batch"] > (r["precision"] == "fp16"):
+        allowed = (2 if METHODS[r["method"]][0] is TK and "--no-mask" not in METHODS[r["method"]][1] else 1) \
+            if r["precision"] == "fp16" else 0  # GradScaler.step reads found_inf once per optimizer
+        if r["syncs_per_batch"] is not None and r["syncs_per_batch"] > allowed:
             report["failures"].append(f"{name}: {r['syncs_per_batch']} host syncs per batch")
         if base and abs(r["loss"] - base["loss"]) > 0.15 * abs(base["loss"]) + 1e-3:
             report["failures"].append(f"{name}: loss {r['loss']:.4f}, fp32 {base['loss']:.4f}")
