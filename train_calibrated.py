@@ -269,9 +269,9 @@ def parse_args(p, argv):
     a("--workers", type=int, help="DataLoader worker processes (None: 0 on the CPU; on CUDA min(8, CPU cores "
       "per process), so that loading and augmentation overlap the GPU)")
     a("--amp", nargs="?", const="bf16", default="off", choices=["off", "bf16", "fp16"],
-      help="CUDA autocast: --amp is bf16, --amp fp16 adds a GradScaler")
+      help="CUDA autocast: --amp is bf16, --amp fp16 adds a GradScaler (its attack: attacks.unit_grad)")
     a("--channels-last", action="store_true", help="NHWC memory format (CUDA tensor cores)")
-    a("--compile", action="store_true", help="torch.compile the training forward")
+    a("--compile", action="store_true", help="torch.compile the training forward and the attack's")
     args = p.parse_args(argv)
     sizes = [args.epochs, args.batch_size, args.eval_size, args.train_size or 1, args.test_size or 1]
     if min(sizes + (args.milestones or [1])) < 1 or min(args.val_size, args.workers or 0) < 0:
