@@ -126,8 +126,9 @@ def train_step(model, mask_net, f_net, attack_net, g_net, opt_f, opt_g, scaler, 
         opt_g.zero_grad(set_to_none=True)
         scaler.scale(loss_g).backward(inputs=list(mask_net.parameters()))
         scaler.step(opt_g)
-        m = mask.detach().float().flatten().sort().values  # quantiles of M's entries (one sort: no sync)
-        q05, q95 = (m[max(1, round(q * len(m))) - 1] for q in (0.05, 0.95))
+        m = mask.detach().float().flatten()  # M's mean, and its 5 % / 95 % quantiles from one sort (no sync)
+        ranked = m.sort().values
+        q05, q95 = (ranked[max(1, round(q * len(m))) - 1] for q in (0.05, 0.95))
         out.update(train_adv_acc=(logits_adv.argmax(1) == y).sum(), train_mask_loss=loss_g.detach() * len(y),
                    train_mask_mean=m.mean() * len(y), train_mask_q05=q05 * len(y), train_mask_q95=q95 * len(y))
     scaler.update()
