@@ -113,12 +113,17 @@ def summary(rows):
         mean_sd = lambda: f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}"
         return "-" if not v else f"{v[0]:.1f}" if len(v) == 1 else mean_sd()
 
-    lines = ["| row | seeds | " + " | ".join(c[0] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    lines = ["| row | seeds | " + " | ".join(c[0] for c in cols) + " | masking flags (seeds raising / evaluated) |",
+             "|---|---|" + "---|" * (len(cols) + 1)]
     for name in [n for n in ROWS if n in by]:
         paper = dict(zip(("natural", "pgd20", "pgd100"), PAPER.get(name, ())))
         cells = [cell(name, part, k) + ("" if k not in paper else f" [{'-' if paper[k] is None else paper[k]}]")
                  for _, part, k in cols]
-        lines.append(f"| {name} | {', '.join(map(str, sorted(by[name])))} | " + " | ".join(cells) + " |")
+        strong = [r for r in by[name].values() if "acc_strong" in r]
+        raised = sorted({f for r in strong for f in r["flags"]})
+        flags = ", ".join(f"{f} ({sum(f in r['flags'] for r in strong)}/{len(strong)})" for f in raised) or \
+            ("none" if strong else "-")
+        lines.append(f"| {name} | {', '.join(map(str, sorted(by[name])))} | " + " | ".join(cells) + f" | {flags} |")
     n = lambda part: next((f"{r['n_test'] if part == 'acc' else r['acc_strong']['n']:,}" for r in rows if part in r),
                           "")
     lines[0] = lines[0].replace("(1,000)", f"({n('acc_strong')})")
