@@ -123,7 +123,8 @@ def summary(rows):
         raised = sorted({f for r in strong for f in r["flags"]})
         flags = ", ".join(f"{f} ({sum(f in r['flags'] for r in strong)}/{len(strong)})" for f in raised) or \
             ("none" if strong else "-")
-        lines.append(f"| {name} | {', '.join(map(str, sorted(by[name])))} | " + " | ".join(cells) + f" | {flags} |")
+        seeds = ", ".join(f"{s}" + "*" * at_chance(by[name][s]) for s in sorted(by[name]))
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + f" | {flags} |")
     n = lambda part: next((f"{r['n_test'] if part == 'acc' else r['acc_strong']['n']:,}" for r in rows if part in r),
                           "")
     lines[0] = lines[0].replace("(1,000)", f"({n('acc_strong')})")
@@ -138,16 +139,25 @@ def summary(rows):
             d = [get(by[a][s], part, k) - get(by[b][s], part, k) for s in seeds]
             # one seed: the spread is that of the worse row over its seeds (all we measured)
             ref = [get(r, part, k) for r in by[b].values() if part in r]
-            cells.append(verdict(d, seeds, ref))
+            cells.append(verdict(d, seeds, ref, [at_chance(by[a][s]) or at_chance(by[b][s]) for s in seeds]))
         lines.append(f"| {a} > {b} | " + " | ".join(cells) + " |")
     if "AT(0.4)" in by:
         nat = [100 * r["acc"]["natural"] for r in by["AT(0.4)"].values()]
-        lines.append(f"| AT(0.4) fails to train | {'holds' if max(nat) < 20 else 'does not hold'}: natural "
-                     f"{', '.join(f'{v:.1f}' for v in nat)} % (one class: 11.3 %) | | |")
+        word = "holds" if all(map(at_chance, by["AT(0.4)"].values())) else "does not hold"
+        lines.append(f"| AT(0.4) fails to train | {word}: natural {', '.join(f'{v:.1f}' for v in nat)} % "
+                     "(one class: 11.3 %) | | |")
+    if any(at_chance(r) for r in rows if r["name"] != "AT(0.4)"):
+        lines += ["", "\\* a run stuck at chance (natural accuracy under 20 %: it predicts one class); a difference "
+                  "marked * is against, or from, such a run."]
     return "\n".join(lines)
 
 
-def verdict(d, seeds, ref):
+def at_chance(r):
+    """A run that never left chance: natural accuracy under 20 % (one class is 9.8-11.3 % of MNIST's test set)."""
+    return r["acc"]["natural"] < 0.2
+
+
+def verdict(d, seeds, ref, marked):
     """'holds': the difference is positive in every seed and its mean exceeds the spread (the std of
     the paired differences; with one seed, the std of the worse row over its seeds); 'does not
     hold': the same, reversed; otherwise undecided."""
@@ -157,7 +167,7 @@ def verdict(d, seeds, ref):
     mean = statistics.mean(d)
     word = "undecided" if spread is None else "holds" if min(d) > 0 and mean > spread else \
         "does not hold" if max(d) < 0 and -mean > spread else "undecided"
-    what = ", ".join(f"{x:+.1f}" for x in d)
+    what = ", ".join(f"{x:+.1f}" + "*" * m for x, m in zip(d, marked))
     return f"**{word}**: {what}" + (f" (mean {mean:+.1f}, sd {spread:.1f})" if len(d) > 1 else
                                    f" (seed {seeds[0]} only" + (f"; seed sd {spread:.1f})" if spread else ")"))
 
