@@ -146,7 +146,7 @@ def summary(rows):
         word = "holds" if all(map(at_chance, by["AT(0.4)"].values())) else "does not hold"
         lines.append(f"| AT(0.4) fails to train | {word}: natural {', '.join(f'{v:.1f}' for v in nat)} % "
                      "(one class: 11.3 %) | | |")
-    if any(at_chance(r) for r in rows if r["name"] != "AT(0.4)"):
+    if any(map(at_chance, rows)):
         lines += ["", "\\* a run stuck at chance (natural accuracy under 20 %: it predicts one class); a difference "
                   "marked * is against, or from, such a run."]
     return "\n".join(lines)
@@ -160,7 +160,7 @@ def at_chance(r):
 def verdict(d, seeds, ref, marked):
     """'holds': the difference is positive in every seed and its mean exceeds the spread (the std of
     the paired differences; with one seed, the std of the worse row over its seeds); 'does not
-    hold': the same, reversed; otherwise undecided."""
+    hold': the same, reversed; otherwise undecided. marked: per seed, a run at chance is in the pair (starred)."""
     if not d:
         return "-"
     spread = statistics.stdev(d) if len(d) > 1 else statistics.stdev(ref) if len(ref) > 1 else None
