@@ -1483,7 +1483,8 @@ def test_toy_margin_eps4_distorts_customized_does_not():
 
 
 def test_table1_verdicts_by_the_paired_seed_differences():
-    """'holds' needs every seed positive and mean > sd of the paired differences; a run at chance is starred."""
+    """'holds' needs every seed positive and mean > sd of the paired differences; a run at chance is
+    starred and its difference not counted."""
     sys.path.insert(0, os.path.join(HERE, "benchmarks"))
     import mnist_table1
     row = lambda name, seed, pgd20, nat=0.98: {"name": name, "seed": seed, "n_test": 10000,
@@ -1500,6 +1501,12 @@ def test_table1_verdicts_by_the_paired_seed_differences():
     assert f"| {at} | 0, 1*, 2 |" in text and "stuck at chance" in text
     worse = [row(cw, s, a) for s, a in enumerate((0.88, 0.87, 0.89))] + rows[3:]  # -2, -3, -2 against TRADES
     assert "**does not hold**: -2.0, -3.0, -2.0" in claim(mnist_table1.summary(worse), cw, trades)
+    # two seeds of AT at chance: +2, +79.7*, +81.7* would "hold" (mean 54.5 > sd 45.3) if counted; the
+    # starred ones are not, so one seed remains; every seed at chance: no test at all
+    stalled = rows[:6] + [row(at, 0, 0.90)] + [row(at, s, 0.1135, 0.1135) for s in (1, 2)]
+    assert "**undecided**: +2.0, +79.7*, +81.7* (seed 0 only" in claim(mnist_table1.summary(stalled), cw, at)
+    dead = rows[:6] + [row(at, s, 0.1135, 0.1135) for s in (0, 1, 2)]
+    assert "**not a test**: +80.7*, +79.7*, +81.7*" in claim(mnist_table1.summary(dead), cw, at)
 
 
 def write_mnist_root(root, n_train=200, n_test=40):

@@ -138,7 +138,7 @@ def summary(rows):
             seeds = sorted(s for s in set(by[a]) & set(by[b]) if part in by[a][s] and part in by[b][s])
             d = [get(by[a][s], part, k) - get(by[b][s], part, k) for s in seeds]
             # one seed: the spread is that of the worse row over its seeds (all we measured)
-            ref = [get(r, part, k) for r in by[b].values() if part in r]
+            ref = [get(r, part, k) for r in by[b].values() if part in r and not at_chance(r)]
             cells.append(verdict(d, seeds, ref, [at_chance(by[a][s]) or at_chance(by[b][s]) for s in seeds]))
         lines.append(f"| {a} > {b} | " + " | ".join(cells) + " |")
     if "AT(0.4)" in by:
@@ -148,7 +148,7 @@ def summary(rows):
                      "(one class: 11.3 %) | | |")
     if any(map(at_chance, rows)):
         lines += ["", "\\* a run stuck at chance (natural accuracy under 20 %: it predicts one class); a difference "
-                  "marked * is against, or from, such a run."]
+                  "marked * is against, or from, such a run, and is not counted in the verdict."]
     return "\n".join(lines)
 
 
@@ -160,14 +160,19 @@ def at_chance(r):
 def verdict(d, seeds, ref, marked):
     """'holds': the difference is positive in every seed and its mean exceeds the spread (the std of
     the paired differences; with one seed, the std of the worse row over its seeds); 'does not
-    hold': the same, reversed; otherwise undecided. marked: per seed, a run at chance is in the pair (starred)."""
+    hold': the same, reversed; otherwise undecided. marked: per seed, a run at chance is in the pair;
+    that difference is shown starred and not counted: it measures a constant predictor, not a method."""
     if not d:
         return "-"
+    what = ", ".join(f"{x:+.1f}" + "*" * m for x, m in zip(d, marked))
+    counted = [(x, s) for x, s, m in zip(d, seeds, marked) if not m]
+    if not counted:
+        return f"**not a test**: {what} (a run at chance in every seed)"
+    d, seeds = [x for x, _ in counted], [s for _, s in counted]
     spread = statistics.stdev(d) if len(d) > 1 else statistics.stdev(ref) if len(ref) > 1 else None
     mean = statistics.mean(d)
     word = "undecided" if spread is None else "holds" if min(d) > 0 and mean > spread else \
         "does not hold" if max(d) < 0 and -mean > spread else "undecided"
-    what = ", ".join(f"{x:+.1f}" + "*" * m for x, m in zip(d, marked))
     return f"**{word}**: {what}" + (f" (mean {mean:+.1f}, sd {spread:.1f})" if len(d) > 1 else
                                    f" (seed {seeds[0]} only" + (f"; seed sd {spread:.1f})" if spread else ")"))
 
