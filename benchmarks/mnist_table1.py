@@ -165,10 +165,9 @@ def verdict(d, seeds, ref, marked):
     if not d:
         return "-"
     what = ", ".join(f"{x:+.1f}" + "*" * m for x, m in zip(d, marked))
-    counted = [(x, s) for x, s, m in zip(d, seeds, marked) if not m]
-    if not counted:
+    d, seeds = [x for x, m in zip(d, marked) if not m], [s for s, m in zip(seeds, marked) if not m]
+    if not d:
         return f"**not a test**: {what} (a run at chance in every seed)"
-    d, seeds = [x for x, _ in counted], [s for _, s in counted]
     spread = statistics.stdev(d) if len(d) > 1 else statistics.stdev(ref) if len(ref) > 1 else None
     mean = statistics.mean(d)
     word = "undecided" if spread is None else "holds" if min(d) > 0 and mean > spread else \
