@@ -304,7 +304,8 @@ def print_table(label, report):
     print(" " * len(label) + "".join(f"  {c:>{w}}" for c, w in zip(cols, widths)))
     print(label + "".join(f"  {100 * a:>{w}.2f}" for a, w in zip(accs, widths)))
     print("accuracy (%) under each attack alone" if report["attack_all"] else
-          "accuracy (%) under each attack and every attack to its left (--attack-all: each alone)")
+          "accuracy (%) under each attack and every attack to its left (--attack-all: each alone)",
+          "; the model's forward in bf16 autocast (--amp)" if report["amp"] else "; fp32", sep="")
     if any(r["settings"].get("added") for r in report["attacks"]):
         print("* added, not in the paper's protocol (--paper-only drops it)")
     for name, f in report["flags"].items():
@@ -334,8 +335,9 @@ def get_args(argv=None):
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--seed", type=int, default=0, help="seeds the random starts and Square")
     a("--workers", type=int, default=0, help="DataLoader worker processes (pinned memory on CUDA)")
-    a("--amp", action="store_true", help="CUDA: the forward in bf16 autocast; the attacks' gradients stay fp32")
-    a("--channels-last", action="store_true", help="NHWC memory format (CUDA tensor cores)")
+    a("--amp", action="store_true", help="the forward in bf16 autocast (CUDA, or a CPU with native bf16); the "
+      "attacks' gradients stay fp32 (published tables: fp32, no --amp)")
+    a("--channels-last", action="store_true", help="NHWC memory format (CUDA tensor cores, CPU oneDNN kernels)")
     a("--compile", action="store_true", help="torch.compile the model the attacks query")
     a("--out", default=None, help="JSON results (default: CKPT_eval_PROTOCOL.json next to the checkpoint)")
     args = p.parse_args(argv)
@@ -349,8 +351,10 @@ def get_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     args.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
-    if args.amp and args.device != "cuda":
-        p.error("--amp needs CUDA (bf16 autocast on the CPU is ~17x slower than fp32)")
+    native = torch.cpu._is_avx512_bf16_supported() and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # ISA unpinned
+    if args.amp and args.device != "cuda" and not native:
+        p.error("--amp needs CUDA or a CPU with native bf16 (AVX512_BF16 or AMX; elsewhere bf16 is emulated, ~7x "
+                "slower than fp32: benchmarks/cpu_speed.py)")
     return args
 
 

@@ -662,7 +662,7 @@ def test_customized_cli_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("bad", [["--c", "10", "--eps-max", "0.3"], ["--eta", "-0.1"], ["--eps-max", "0"],
                                  ["--beta", "0"], ["--arch", "resnet9000"], ["--dataset", "imagenet22k"],
-                                 ["--eps-max", "8/0"], ["--amp"]])
+                                 ["--eps-max", "8/0"], ["--amp", "fp16"]])
 def test_customized_rejects_invalid_args(bad, tmp_path):
     proc = run_cli(*CUSTOM, "--out", str(tmp_path / "x"), *bad, check=False)
     assert proc.returncode == 2
@@ -1111,9 +1111,10 @@ def test_eval_speed_flags_give_the_same_numbers(eval_toy, capsys):
     assert [r["newly_broken"] for r in plain[2]] == [r["newly_broken"] for r in fast[2]]
     assert 0 < plain[1].float().mean() < plain[0].float().mean()
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:  # and --amp, CUDA only, is one line on the CPU
-        evaluate.get_args(["--ckpt", "x", "--amp", "--device", "cpu"])
-    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    # --amp on a CPU without native bf16 (here: oneDNN pinned to AVX2, where bf16 is emulated) is one line
+    proc = run_cli("evaluate.py", "--ckpt", "x", "--amp", "--device", "cpu", check=False,
+                   env={"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "native bf16" in proc.stderr
 
 
 def test_eval_apgd_columns_added_marked_and_dropped_by_paper_only(eval_toy, capsys):
@@ -1371,6 +1372,29 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
 
 
 # ---------------------------------------------------------------- torchrun, amp
+NATIVE_BF16 = torch.cpu._is_avx512_bf16_supported() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.mark.parametrize("script", ["train_customized.py", "train_calibrated.py"])
+def test_cpu_amp_bf16_refused_where_emulated_and_trains_where_native(script, tmp_path):
+    run = [*(CUSTOM if script == "train_customized.py" else CAL), "--epochs", "1"]
+    fast = [*run, "--amp", "bf16", "--channels-last"]
+    # oneDNN pinned to AVX2 emulates bf16 (~7x slower): one line, exit 2, nothing written
+    proc = run_cli(*fast, "--out", str(tmp_path / "emulated"), check=False, env={"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "native bf16" in proc.stderr
+    assert not (tmp_path / "emulated").exists()
+    if not NATIVE_BF16:
+        pytest.skip("this CPU has no native bf16 (AVX512_BF16 or AMX)")
+    run_cli(*fast, "--out", str(tmp_path / "bf16"))
+    run_cli(*run, "--out", str(tmp_path / "fp32"))
+    (bf16,), (fp32,) = read_log(str(tmp_path / "bf16")), read_log(str(tmp_path / "fp32"))
+    # bf16 changes the numerics (not bit-equal) but not the method: the same loss to within 2 %
+    assert bf16["train_loss"] != fp32["train_loss"] and bf16["train_loss"] == pytest.approx(fp32["train_loss"], rel=0.02)
+    ck = torch.load(str(tmp_path / "bf16" / "model.pt"), weights_only=True)
+    assert all(v.dtype == torch.float32 for v in ck["model"].values())  # master weights stay fp32
+    assert ck["args"]["amp"] == "bf16" and ck["args"]["channels_last"]
+
+
 def torchrun(*args, out):
     return run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
                    "--out", out, timeout=300)

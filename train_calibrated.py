@@ -267,11 +267,10 @@ def parse_args(p, argv):
     a("--out", help="output directory: model.pt, best.pt, log.jsonl (None = runs/SCRIPT)")
     a("--resume", nargs="?", const="", help="continue from OUT/model.pt, or from the checkpoint given")
     a("--overwrite", action="store_true", help="start over in an --out that holds a run")
-    a("--workers", type=int, help="DataLoader worker processes (None: 0 on the CPU; on CUDA min(8, CPU cores "
-      "per process), so that loading and augmentation overlap the GPU)")
-    a("--amp", nargs="?", const="bf16", default="off", choices=["off", "bf16", "fp16"],
-      help="CUDA autocast: --amp is bf16, --amp fp16 adds a GradScaler (its attack: attacks.unit_grad)")
-    a("--channels-last", action="store_true", help="NHWC memory format (CUDA tensor cores)")
+    a("--workers", type=int, help="DataLoader processes (None: 0 on the CPU, min(8, cores per process) on CUDA)")
+    a("--amp", nargs="?", const="bf16", default="off", choices=["off", "bf16", "fp16"], help="autocast: --amp is "
+      "bf16 (CUDA, or a CPU with native bf16), --amp fp16 (CUDA) adds a GradScaler (its attack: attacks.unit_grad)")
+    a("--channels-last", action="store_true", help="NHWC memory format (CUDA tensor cores, CPU oneDNN kernels)")
     a("--compile", action="store_true", help="torch.compile the training forward and the attack's")
     args = p.parse_args(argv)
     sizes = [args.epochs, args.batch_size, args.eval_size, args.train_size or 1, args.test_size or 1]
@@ -279,8 +278,11 @@ def parse_args(p, argv):
         p.error("need epochs, batch, eval, train, test sizes and milestones >= 1, val-size and workers >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    if args.amp != "off" and not (args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()):
-        p.error("--amp needs CUDA (bf16 autocast on the CPU is ~17x slower than fp32)")
+    cpu = not (args.device == "cuda" or args.device == "auto" and torch.cuda.is_available())
+    native = torch.cpu._is_avx512_bf16_supported() and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # ISA unpinned
+    if cpu and (args.amp == "fp16" or args.amp == "bf16" and not native):
+        p.error(f"--amp {args.amp} needs CUDA" + " or a CPU with native bf16 (AVX512_BF16 or AMX; elsewhere bf16 "
+                "is emulated, ~7x slower than fp32: benchmarks/cpu_speed.py)" * (args.amp == "bf16"))
     args.out = args.out or os.path.join("runs", os.path.basename(sys.argv[0]).removesuffix(".py"))
     return args
 
@@ -455,7 +457,7 @@ def setup(args):
     if args.device == "cuda":  # this rank's GPU before the process group, so NCCL binds it; cuDNN picks its kernels
         args.device, torch.backends.cudnn.benchmark = f"cuda:{local}", True
         torch.cuda.set_device(args.device)
-    cores = (os.cpu_count() or 1) // world  # on CUDA, worker processes load and augment while the GPU computes
+    cores = (os.cpu_count() or 1) // world  # on CUDA, workers load and augment while the GPU computes
     args.workers = args.workers if args.workers is not None else 0 if args.device == "cpu" else min(8, cores)
     if world > 1:
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")

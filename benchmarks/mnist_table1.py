@@ -32,6 +32,11 @@ each attack alone on every naturally correct test image (evaluate.py --attack-al
     python benchmarks/mnist_table1.py --rows "AT(0.3)" "TRADES(0.3)" --seeds 0 1 2
     python benchmarks/mnist_table1.py --summary         # the mean +- std table and the verdicts
     python benchmarks/mnist_table1.py --quick           # a smoke run into runs/, not the results
+    python benchmarks/mnist_table1.py --fast --rows "TRADES(0.3)"   # the CPU's fast path, its own results
+
+--fast trains with bf16 autocast and channels-last (--amp bf16 --channels-last), evaluates in fp32
+with channels-last, and pins the kernels to AVX-512 with oneDNN capped at AMX (ISA_FAST); its rows
+go to benchmarks/results/mnist_table1_bf16.json, their models to checkpoints/ROW_seedS_bf16.pt.
 """
 import argparse
 import os
@@ -78,6 +83,12 @@ EVAL = ["--protocol", "calibrated", "--attacks", "pgd20,pgd100,cw", "--attack-al
 STRONG = ["--protocol", "calibrated", "--eps", "0.3"]  # every attack of the chain, each alone; the sanity check
 # The CPU kernels of every row (oneDNN, ATen, MKL pick theirs by the CPU's ISA): the landed rows' machine had AVX2.
 ISA = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+# --fast: AVX-512, oneDNN up to AMX. On this project's Intel Xeon bf16 gains nothing without AMX (capped at
+# AVX512_CORE_BF16 a PGD step is no faster than fp32: benchmarks/cpu_speed.py); where the CPU has no AMX
+# (AMD EPYC) the cap leaves its AVX512_BF16 kernels. Each row records the ISA oneDNN reports (onednn_isa).
+ISA_FAST = {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX512"}
+RESULTS_FAST = os.path.join(R.REPO, "benchmarks", "results", "mnist_table1_bf16.json")
 
 
 def table(rows):
@@ -179,7 +190,9 @@ def verdict(d, seeds, ref, marked):
 def spec(name, seed, args):
     script, flags = row_flags(name, args.epochs)
     flags += ["--dataset", "mnist", "--data-dir", R.rel(args.data_dir), "--eval-size", "200"]
-    return dict(name=name, seed=seed, script=script, epochs=args.epochs, flags=flags, eval=EVAL, strong=STRONG)
+    fast = ["--channels-last"] if args.fast else []  # evaluation: fp32 always
+    return dict(name=name, seed=seed, script=script, epochs=args.epochs, flags=flags + ["--amp", "bf16"] * args.fast
+                + fast, eval=EVAL + fast, strong=STRONG + fast)
 
 
 def main():
@@ -191,6 +204,8 @@ def main():
                    "training is deterministic: a retrained row reproduces its log there")
     p.add_argument("--quick", action="store_true", help="defaults for a smoke run: 1 epoch of 200 images, 100 test "
                    "images, a weak strong evaluation of 50; results in runs/mnist_table1_quick")
+    p.add_argument("--fast", action="store_true", help="train in bf16 autocast + channels-last with the AVX-512 / "
+                   "AMX kernels (ISA_FAST); evaluate in fp32; results in mnist_table1_bf16.json")
     p.set_defaults(jobs=2)  # one thread each, as the landed rows ran
     args = p.parse_args()
     unset = lambda k, full, quick: setattr(args, k, getattr(args, k) or (quick if args.quick else full))
@@ -198,19 +213,20 @@ def main():
                            ("n_strong", 1000, 50), ("square_queries", 5000, 20)):
         unset(k, full, quick)
     args.strong_extra, args.threads = ["--steps", "5"] if args.quick else [], 1
-    R.paths(args, "mnist_table1", RESULTS, "_quick" if args.quick else "")
+    R.paths(args, "mnist_table1", RESULTS_FAST if args.fast else RESULTS, "_quick" if args.quick else "",
+            "_bf16" if args.fast else "")
     if args.summary:
         rows = R.load(args.results)["rows"]
         print(table(rows) + "\n\n" + summary(rows))
         return
     if args.device == "cpu":  # the landed rows ran with AVX2 kernels; with the same kernels a retrained row
-        os.environ.update(ISA)  # reproduces its landed log bit for bit (AVX-512 kernels: it diverged in epoch 1)
+        os.environ.update(ISA_FAST if args.fast else ISA)  # reproduces its landed log (AVX-512: not)
     if not os.path.isdir(os.path.join(args.data_dir, "MNIST", "raw")):
         sys.exit(f"error: no MNIST root at {args.data_dir}; run ../shared/data/mnist/make_root.sh {args.data_dir}")
     jobs = [spec(name, seed, args) for seed in args.seeds for name in args.rows if name not in LANDED_ONLY]
     print(f"{len(jobs)} jobs; {len(R.load(args.results)['rows'])} rows in {R.rel(args.results)}", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda job: R.run_job(job, args, ROWS, PARTIAL), jobs))
+        list(pool.map(lambda job: R.run_job(job, args, ROWS, PARTIAL + args.tag), jobs))
     rows = R.load(args.results)["rows"]
     print(table(rows) + "\n\n" + summary(rows))
 

@@ -54,6 +54,15 @@ def sha256(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def onednn_isa():
+    """The ISA oneDNN's kernels run with in this environment (its ISA cap, if any, and the CPU's), as
+    oneDNN's verbose mode names it."""
+    conv = "import torch; torch.nn.functional.conv2d(torch.rand(8, 16, 16, 16), torch.rand(16, 16, 3, 3))"
+    out = subprocess.run([sys.executable, "-c", conv], env={**os.environ, "ONEDNN_VERBOSE": "1"},
+                         capture_output=True, text=True).stdout
+    return next((line.split("isa:", 1)[1].strip() for line in out.splitlines() if "isa:" in line), None)
+
+
 def machine(args):
     """Where a row ran: bit-exact CPU training depends on the CPU's kernels (oneDNN, MKL pick them by ISA)."""
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -61,7 +70,8 @@ def machine(args):
     isa = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
            if k in os.environ}
     return {"device": args.device, "cpu": cpu, "cores": os.cpu_count(), "threads": args.threads,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__, **isa}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "onednn_isa": onednn_isa(),
+            "torch": torch.__version__, **isa}
 
 
 def load(path):
@@ -164,7 +174,8 @@ def train_and_evaluate(spec, args, landed, partial):
                    acc=accuracies(ev))
         if landed:  # the difference is reported: the landed row's numbers and log stay beside
             row["reproduced"].update(landed_acc=landed["acc"], landed_epoch_log=landed["epoch_log"])
-    row["checkpoint"] = export(os.path.join(out, "model.pt"), os.path.join(args.checkpoints, f"{name}_seed{seed}.pt"))
+    row["checkpoint"] = export(os.path.join(out, "model.pt"),
+                               os.path.join(args.checkpoints, f"{name}_seed{seed}{args.tag}.pt"))
     shutil.rmtree(os.path.join(partial, os.path.basename(out)), ignore_errors=True)  # trained and kept
     print(f"{name} seed {seed}: " + " ".join(f"{k} {100 * v:.1f}" for k, v in row["acc"].items()), flush=True)
     return row
@@ -230,10 +241,12 @@ def job(spec, args, order, partial):
             save({**row, **strong}, args.results, order)
 
 
-def paths(args, table, results, trial=""):
+def paths(args, table, results, trial="", tag=""):
     """Absolute --out, --results, the checkpoints beside the results and --data-dir; a trial run
-    (`trial`: its suffix) keeps its results in its own run directory, never in benchmarks/results."""
-    args.out = os.path.abspath(args.out or os.path.join(REPO, "runs", table + trial))
+    (`trial`: its suffix) keeps its results in its own run directory, never in benchmarks/results.
+    `tag`: a suffix of the run directories and of the kept checkpoints' names (ROW_seedS{tag}.pt)."""
+    args.tag = tag
+    args.out = os.path.abspath(args.out or os.path.join(REPO, "runs", table + tag + trial))
     args.results = os.path.abspath(args.results or (os.path.join(args.out, "results.json") if trial else results))
     args.checkpoints = os.path.join(os.path.dirname(args.results), "checkpoints")
     args.data_dir = os.path.abspath(args.data_dir)
