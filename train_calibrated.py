@@ -95,10 +95,8 @@ def mask_loss(logits_cali, logits_adv, y, beta1):
 def train_step(model, mask_net, f_net, attack_net, g_net, opt_f, opt_g, scaler, autocast, x, y, args):
     """One batch of Sec. 4.4: attack -> step f on Eq. (13) -> step g_phi on Eq. (14) against the
     updated f. `f_net`, `attack_net`, `g_net`: model and mask_net, or their wrappers (`wrap`).
-    Passes through f, with K = --steps: K+4 forwards (K attack, f(x) and f(x_cali) for f's step,
-    f(x') and f(x_cali) for g's) and K+3 backwards (K, f's step through both f(x) and f(x_cali),
-    g's step through f(x_cali)); through g 1 and 1 (its forward serves both steps: M depends on g
-    alone). TRADES (--no-mask --no-weighted-ce --attack kl): f K+3 forwards and K+2 backwards."""
+    Passes (K = --steps): f K+4 forwards, K+3 backwards; g 1 and 1 (one forward serves both steps);
+    TRADES (--no-mask --no-weighted-ce --attack kl): f K+3 and K+2."""
     model.eval()  # attack f as it is evaluated (BN running statistics), as TRADES does
     with autocast():
         delta = attack(attack_net, x, y, args)                             # Eq. (9)
@@ -227,10 +225,9 @@ def main(argv=None):
         if mask_net is not None:
             rec["mask_lr"] = mask_scheduler.get_last_lr()[0]
             mask_scheduler.step()
-            if is_main() and not 0.02 < rec["train_mask_mean"] < 0.98:  # M ~ 0: x_cali ~ x; M ~ 1: x_cali ~ x'
-                became = "natural training" if rec["train_mask_mean"] <= 0.02 else "TRADES (A2 with the weighted CE)"
-                print(f"warning: epoch {epoch + 1}: mean mask {rec['train_mask_mean']:.4f} is outside (0.02, 0.98): "
-                      f"the run has become {became}", file=sys.stderr, flush=True)
+            if is_main() and not 0.02 < (m := rec["train_mask_mean"]) < 0.98:  # M ~ 0: x_cali ~ x; M ~ 1: ~ x'
+                print(f"warning: epoch {epoch + 1}: mean mask {m:.4f} is outside (0.02, 0.98): the run has become "
+                      + ("natural training" if m <= 0.02 else "TRADES (A2 with the weighted CE)"), file=sys.stderr)
         best = end_epoch(rec, model, (train, val, test), state, best, args.eps, args)
     if is_main() and mask_net is not None:
         write_masks_png(model, mask_net, test, args)
@@ -239,8 +236,7 @@ def main(argv=None):
 
 
 # ================================================================== shared boilerplate
-# Byte-identical in train_customized.py and train_calibrated.py (test_smoke.py checks it):
-# command line, data, checkpoints, log. Nothing below is either paper's method.
+# Byte-identical in both trainers (test_smoke.py checks it): command line, data, checkpoints, log; no method.
 
 def fraction(s):
     """A number or a fraction such as 8/255."""
@@ -466,9 +462,8 @@ def setup(args):
 
 
 def wrap(model, args, world):
-    """(net, attack_net, autocast, scaler): what the training forward runs through (DDP under torchrun,
-    torch.compile if asked), what the training attack queries (compiled too; never DDP: it takes no
-    parameter gradient), the --amp autocast context and its GradScaler (fp16 only)."""
+    """(net, attack_net, autocast, scaler): the training forward (DDP under torchrun, compiled if asked), what the
+    attack queries (compiled; never DDP: no parameter gradient), the --amp autocast, its GradScaler (fp16 only)."""
     model.to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     net = DistributedDataParallel(model) if world > 1 else model
     attack_net = torch.compile(model) if args.compile else model

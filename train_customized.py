@@ -106,9 +106,7 @@ def all_gather(t):
 
 
 def eps_stats(eps_table, args):
-    """The eps table at the end of an epoch: mean, quantiles and share at eps_max."""
-    if args.fixed_eps:
-        return {}
+    """The eps table at the end of an epoch: mean, quantiles and share at eps_max ({} with --fixed-eps)."""
     q = torch.quantile(eps_table.float().cpu(), torch.tensor([0.1, 0.5, 0.9])).tolist()
     return {"eps_mean": eps_table.mean().item(), "eps_q10": q[0], "eps_q50": q[1], "eps_q90": q[2],
             "eps_at_max": (eps_table >= args.eps_max - 1e-9).float().mean().item()}
@@ -150,8 +148,7 @@ def get_args(argv=None):
         p.error("need eta >= 0, eps-max > 0, beta > 0, c >= 0, steps >= 1")
     if args.c * args.eps_max > 1:
         p.error(f"c * eps-max = {args.c * args.eps_max:.3g} > 1: Eq. (4)'s label would have negative mass")
-    if args.lr is None:
-        args.lr = 0.01 if args.arch == "vgg16" else 0.1
+    args.lr = (0.01 if args.arch == "vgg16" else 0.1) if args.lr is None else args.lr
     return args
 
 
@@ -174,7 +171,7 @@ def main(argv=None):
             sums.update(train_step(model, net, attack_net, optimizer, scaler, autocast, x, y, idx, eps_table, args),
                         n=len(y))
         rec = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], **epoch_means(sums, args, world),
-               **eps_stats(eps_table, args), "seconds": time.time() - t0}
+               **({} if args.fixed_eps else eps_stats(eps_table, args)), "seconds": time.time() - t0}
         scheduler.step()
         best = end_epoch(rec, model, (train, val, test), state, best, args.eps_max, args)
     if is_main() and not args.fixed_eps:
@@ -184,8 +181,7 @@ def main(argv=None):
 
 
 # ================================================================== shared boilerplate
-# Byte-identical in train_customized.py and train_calibrated.py (test_smoke.py checks it):
-# command line, data, checkpoints, log. Nothing below is either paper's method.
+# Byte-identical in both trainers (test_smoke.py checks it): command line, data, checkpoints, log; no method.
 
 def fraction(s):
     """A number or a fraction such as 8/255."""
@@ -411,9 +407,8 @@ def setup(args):
 
 
 def wrap(model, args, world):
-    """(net, attack_net, autocast, scaler): what the training forward runs through (DDP under torchrun,
-    torch.compile if asked), what the training attack queries (compiled too; never DDP: it takes no
-    parameter gradient), the --amp autocast context and its GradScaler (fp16 only)."""
+    """(net, attack_net, autocast, scaler): the training forward (DDP under torchrun, compiled if asked), what the
+    attack queries (compiled; never DDP: no parameter gradient), the --amp autocast, its GradScaler (fp16 only)."""
     model.to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     net = DistributedDataParallel(model) if world > 1 else model
     attack_net = torch.compile(model) if args.compile else model
