@@ -38,6 +38,9 @@ without --attack-all ("broke": made wrong a point that every earlier attack left
                          examples a pgd20 that has converged raises it too
   large_eps_not_zero     sanity (PGD at eps 0.5, margin loss, 20 steps of 0.05) leaves over 1% correct
 
+An adversarial example outside its attack's L-inf eps-ball or the [0, 1] box is the attack's bug:
+the run exits with one line naming the attack.
+
 Output: a table on stdout, progress with images/s on stderr, and a JSON file with every attack's
 settings, the checkpoint's path, sha256, arch and training args, n, seed and device.
 """
@@ -65,7 +68,7 @@ WHITE_BOX = ("pgd20", "pgd100", "cw", "fgsm", "cw100", "pgd1000x20", "cw1000x20"
 
 
 def fail(msg):
-    """Bad input: one line on stderr and exit code 2, never a traceback."""
+    """Bad input or a result refused: one line on stderr and exit code 2, never a traceback."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
@@ -232,8 +235,19 @@ def survives(spec, source, model, x, y, seed):
         from autoattack import AutoAttack
         x_adv = AutoAttack(source, norm="Linf", eps=spec["eps"], version="standard", device=str(x.device),
                            seed=seed, verbose=False).run_standard_evaluation(x, y, bs=len(x))
+    if kind != "natural":
+        check_threat_model(spec, x, x_adv)
     with torch.no_grad():
         return model(x_adv).argmax(1) == y
+
+
+def check_threat_model(spec, x, x_adv, tol=1e-6):
+    """An adversarial example outside the eps-ball around x or the [0, 1] box is an attack's bug:
+    refused, not counted (nor projected, which would hide it); NaN too (`not over <= tol`)."""
+    over = max((x_adv - x).abs().max().item() - spec["eps"], -x_adv.min().item(), x_adv.max().item() - 1)
+    if not over <= tol:
+        fail(f"{spec['name']}: adversarial examples outside the L-inf ball of eps {spec['eps']:g} or the "
+             f"[0, 1] box, by up to {over:.3g}; not counted")
 
 
 def run_attack(spec, source, model, data, points, args):

@@ -1250,6 +1250,27 @@ def test_eval_main_in_process_eval_mode_and_autoattack_message(tmp_path, capsys)
     assert rep["attacks"][0]["settings"] == {"name": "fgsm", "kind": "fgsm", "eps": 0.3}  # MNIST-like eps
 
 
+def test_eval_adversarial_examples_outside_ball_or_box_are_refused(eval_toy, monkeypatch, capsys):
+    """Every attack's x_adv is checked in survives(): a broken attack exits with one line naming it."""
+    model, _ = eval_toy
+    x, y = torch.linspace(0, 1, 8 * 64).view(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)  # 0 and 1 included
+    specs = {s["name"]: s for s in evaluate.protocol_attacks(eval_args(), True)[0]}  # eps 0.1
+    broken = {"fgsm": ("fgsm", lambda m, x, y, eps: (x + 1.5 * eps).clamp(max=1), 0.05),  # out of the ball
+              "square": ("square", lambda m, x, y, *a: x + 0.02, 0.02),                   # out of the box
+              "pgd20": ("pgd", lambda m, x, y, *a: x * float("nan"), float("nan"))}       # NaN
+    for name, (fn, attack, over) in broken.items():
+        monkeypatch.setattr(attacks, fn, attack)
+        with pytest.raises(SystemExit) as e:
+            evaluate.survives(specs[name], model, model, x, y, 0)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"error: {name}: adversarial examples outside the L-inf ball of eps 0.1 or the [0, 1] "
+                              f"box, by up to {over:.3g}"), err
+    x_adv = (x + 0.1).clamp(0, 1)  # on the ball's edge and the box's: counted
+    evaluate.check_threat_model(specs["fgsm"], x, x_adv)
+    evaluate.check_threat_model(specs["fgsm"], x, x_adv + 1e-7 * (x_adv < 1))
+
+
 # ---------------------------------------------------------------- resume, errors, determinism
 def final_state(out):
     ck = torch.load(os.path.join(out, "model.pt"), weights_only=True)
