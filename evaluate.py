@@ -21,7 +21,10 @@ split; every eps is in pixel units. Attacks, by the names --attacks takes, in ru
               fixed-step PGD can be several points too weak; in the customized protocol also square
               (5000 queries, as paper 002's), the black box that sees gradient masking.
   default     the protocol of the paper whose method trained the checkpoint (its "method");
-              calibrated where it records none. Both: sanity, and autoattack with --autoattack.
+              calibrated where it records none. Both: sanity, and with --autoattack (or autoattack
+              in --attacks) autoattack, last: AutoAttack standard (Croce & Hein 2020: APGD-CE,
+              APGD-T, FAB-T, Square 5000; 10 classes or more) from the optional pyautoattack (pip
+              install pyautoattack), else fra31's autoattack.
 
 Worst case per sample: each attack runs only on the points still correct after natural and every
 earlier attack, so a column is the accuracy under that attack and those to its left, and the last,
@@ -38,13 +41,20 @@ without --attack-all ("broke": made wrong a point that every earlier attack left
                          examples a pgd20 that has converged raises it too
   large_eps_not_zero     sanity (PGD at eps 0.5, margin loss, 20 steps of 0.05) leaves over 1% correct
 
-Output: a table on stdout, progress with images/s on stderr, and a JSON file with every attack's
-settings, the checkpoint's path, sha256, arch and training args, n, seed and device.
+An adversarial example outside its attack's L-inf eps-ball or the [0, 1] box is the attack's bug:
+the run exits with one line naming the attack.
+
+Output: a table on stdout, progress with images/s on stderr (and AutoAttack's warnings and accuracy
+after each of its attacks), and a JSON file with every attack's settings (autoattack's: its package
+and version), the checkpoint's path, sha256, arch and training args, n, seed and device.
 """
 import argparse
+import contextlib
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import sys
 import time
@@ -65,7 +75,7 @@ WHITE_BOX = ("pgd20", "pgd100", "cw", "fgsm", "cw100", "pgd1000x20", "cw1000x20"
 
 
 def fail(msg):
-    """Bad input: one line on stderr and exit code 2, never a traceback."""
+    """Bad input or a result refused: one line on stderr and exit code 2, never a traceback."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
@@ -156,6 +166,29 @@ def load_test_set(ck, data_dir):
     return data
 
 
+def autoattack_package():
+    """(module, version) of the AutoAttack installed, PyPI's pyautoattack first; None if neither."""
+    for name in ("pyautoattack", "autoattack"):
+        if importlib.util.find_spec(name):
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # on sys.path, not installed
+                return name, importlib.metadata.version(name)
+            return name, None
+
+
+def show_autoattack_log():
+    """pyautoattack logs to the "auto-attack" logger: its warnings (e.g. Square beating APGD) and its
+    accuracy after each attack (DEBUG, per batch) to stderr, its other DEBUG lines nowhere."""
+    log = logging.getLogger("auto-attack")
+    if not log.handlers:  # main() in process more than once: one handler
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
+        handler.addFilter(lambda r: r.levelno >= logging.WARNING
+                          or r.getMessage().startswith("robust accuracy after"))
+        log.addHandler(handler)
+        log.setLevel(logging.DEBUG)
+        log.propagate = False  # not twice where the root logger has a handler
+
+
 def protocol_attacks(args, mnist_like):
     """(attacks in run order, sanity check or None), each a dict of its exact settings."""
     def pgd(name, eps, alpha, steps, loss="ce", random_start=True, restarts=1, kappa=None):
@@ -183,8 +216,10 @@ def protocol_attacks(args, mnist_like):
         specs += [dict(name="deepfool", kind="deepfool", eps=eps, steps=50, overshoot=0.02), *added]
         specs += [] if args.paper_only else [dict(name="square", kind="square", added=True, eps=eps,
                                                   n_queries=args.square_queries, p_init=0.8)]
-    if args.autoattack:
-        specs.append(dict(name="autoattack", kind="autoattack", eps=eps, version="standard"))
+    if args.autoattack:  # installed: main() checked
+        package, version = autoattack_package() or (None, None)
+        specs.append(dict(name="autoattack", kind="autoattack", eps=eps, version="standard", package=package,
+                          package_version=version))
     for s in specs:  # --steps / --restarts for quick or stronger runs
         if s["kind"] in ("pgd", "apgd") and args.steps:
             s["steps"] = args.steps
@@ -196,7 +231,8 @@ def protocol_attacks(args, mnist_like):
     steps = args.steps or 20
     specs.append(pgd("sanity", 0.5, 1.0 / steps, steps, "cw", random_start=False))
     valid = [s["name"] for s in specs]
-    wanted = args.attacks.split(",") if args.attacks else valid
+    # --autoattack adds autoattack to an --attacks subset
+    wanted = (args.attacks.split(",") if args.attacks else valid) + ["autoattack"] * args.autoattack
     if set(wanted) - set(valid):
         fail(f"--attacks: unknown {','.join(sorted(set(wanted) - set(valid)))}; "
              f"valid with --protocol {args.protocol}: {','.join(valid)}")
@@ -228,12 +264,28 @@ def survives(spec, source, model, x, y, seed):
             with torch.no_grad():
                 return (model(x_adv).argmax(1) == y) | ((x_adv - x).flatten(1).abs().amax(1) > spec["eps"])
         x_adv = x + (x_adv - x).clamp(-spec["eps"], spec["eps"])  # transfer: its direction, cut to eps
-    else:
+    elif spec["package"] == "pyautoattack":  # its log: show_autoattack_log()
+        from pyautoattack import AutoAttack
+        x_adv, _ = AutoAttack(source, eps=spec["eps"], norm="Linf", version="standard", device=x.device,
+                              seed=seed).run_standard_evaluation(x, y, batch_size=len(x))
+    else:  # fra31's autoattack prints its warnings: to stderr, off the table's stdout
         from autoattack import AutoAttack
-        x_adv = AutoAttack(source, norm="Linf", eps=spec["eps"], version="standard", device=str(x.device),
-                           seed=seed, verbose=False).run_standard_evaluation(x, y, bs=len(x))
+        with contextlib.redirect_stdout(sys.stderr):
+            x_adv = AutoAttack(source, norm="Linf", eps=spec["eps"], version="standard", device=x.device,
+                               seed=seed, verbose=False).run_standard_evaluation(x, y, bs=len(x))
+    if kind != "natural":
+        check_threat_model(spec, x, x_adv)
     with torch.no_grad():
         return model(x_adv).argmax(1) == y
+
+
+def check_threat_model(spec, x, x_adv, tol=1e-6):
+    """An adversarial example outside the eps-ball around x or the [0, 1] box is an attack's bug:
+    refused, not counted (nor projected, which would hide it); NaN too (`not over <= tol`)."""
+    over = max((x_adv - x).abs().max().item() - spec["eps"], -x_adv.min().item(), x_adv.max().item() - 1)
+    if not over <= tol:
+        fail(f"{spec['name']}: adversarial examples outside the L-inf ball of eps {spec['eps']:g} or the "
+             f"[0, 1] box, by up to {over:.3g}; not counted")
 
 
 def run_attack(spec, source, model, data, points, args):
@@ -330,7 +382,7 @@ def get_args(argv=None):
     a("--batch-size", type=int, default=128)
     a("--attack-all", action="store_true", help="attack every naturally correct point with every attack")
     a("--transfer-from", default=None, help="craft on this checkpoint, test --ckpt's model (paper 000, Table 5)")
-    a("--autoattack", action="store_true", help="also run AutoAttack (standard) if autoattack is installed")
+    a("--autoattack", action="store_true", help="also run AutoAttack standard, last (pip install pyautoattack)")
     a("--data-dir", default=None, help="dataset root (default: the checkpoint's data_dir, else ./data)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--seed", type=int, default=0, help="seeds the random starts and Square")
@@ -341,6 +393,7 @@ def get_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the model the attacks query")
     a("--out", default=None, help="JSON results (default: CKPT_eval_PROTOCOL.json next to the checkpoint)")
     args = p.parse_args(argv)
+    args.autoattack |= "autoattack" in (args.attacks or "").split(",")  # --attacks autoattack asks for it too
     for k in ("steps", "restarts", "square_queries", "n_examples", "batch_size"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
@@ -367,9 +420,12 @@ def main(argv=None):
     args.protocol = args.protocol or ("customized" if ck.get("method") == "customized" else "calibrated")
     if args.full and args.protocol != "customized":
         fail("--full belongs to --protocol customized")
-    if args.autoattack and importlib.util.find_spec("autoattack") is None:  # optional, not a dependency
-        print("autoattack is not installed (pip install git+https://github.com/fra31/auto-attack); skipping it")
-        args.autoattack = False
+    if args.autoattack:  # optional, not a dependency; checked before any attack runs
+        if not autoattack_package():
+            fail("--autoattack: AutoAttack is not installed: pip install pyautoattack")
+        if ck["num_classes"] < 10:  # its APGD-T and FAB-T index the 9 most likely other classes
+            fail(f"--autoattack: AutoAttack standard needs 10 classes or more; the model has {ck['num_classes']}")
+        show_autoattack_log()
     data = load_test_set(ck, args.data_dir or (ck.get("args") or {}).get("data_dir") or "./data")
     data = Subset(data, range(min(args.n_examples or len(data), len(data))))
     specs, sanity = protocol_attacks(args, ck["in_channels"] == 1)

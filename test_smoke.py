@@ -7,7 +7,9 @@ import contextlib
 import copy
 import functools
 import hashlib
+import importlib.util
 import json
+import logging
 import math
 import os
 import pickle
@@ -1233,22 +1235,159 @@ def test_eval_bad_checkpoints_one_line_exit_2(tmp_path, capsys):
     assert e.value.code == 2 and "nosuch" in capsys.readouterr().err
 
 
-def test_eval_main_in_process_eval_mode_and_autoattack_message(tmp_path, capsys):
+def test_eval_main_in_process_eval_mode(tmp_path):
     path = eval_checkpoint(tmp_path / "m.pt", method="customized")
     model, _ = evaluate.load_model(path)
     assert not model.training
     out = str(tmp_path / "r.json")
     evaluate.main(["--ckpt", path, "--protocol", "calibrated", "--attacks", "fgsm", "--n-examples", "8",
-                   "--device", "cpu", "--autoattack", "--out", out])
-    printed = capsys.readouterr().out
-    try:
-        import autoattack  # noqa: F401
-    except ImportError:
-        assert "autoattack is not installed (pip install" in printed  # one line says how
+                   "--device", "cpu", "--out", out])
     with open(out) as f:
         rep = json.load(f)
     assert rep["protocol"] == "calibrated" and rep["n_examples"] == 8 and rep["sanity"] is None
     assert rep["attacks"][0]["settings"] == {"name": "fgsm", "kind": "fgsm", "eps": 0.3}  # MNIST-like eps
+
+
+def test_eval_adversarial_examples_outside_ball_or_box_are_refused(eval_toy, monkeypatch, capsys):
+    """Every attack's x_adv is checked in survives(): a broken attack exits with one line naming it."""
+    model, _ = eval_toy
+    x, y = torch.linspace(0, 1, 8 * 64).view(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)  # 0 and 1 included
+    specs = {s["name"]: s for s in evaluate.protocol_attacks(eval_args(), True)[0]}  # eps 0.1
+    broken = {"fgsm": ("fgsm", lambda m, x, y, eps: (x + 1.5 * eps).clamp(max=1), 0.05),  # out of the ball
+              "square": ("square", lambda m, x, y, *a: x + 0.02, 0.02),                   # out of the box
+              "pgd20": ("pgd", lambda m, x, y, *a: x * float("nan"), float("nan"))}       # NaN
+    for name, (fn, attack, over) in broken.items():
+        monkeypatch.setattr(attacks, fn, attack)
+        with pytest.raises(SystemExit) as e:
+            evaluate.survives(specs[name], model, model, x, y, 0)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"error: {name}: adversarial examples outside the L-inf ball of eps 0.1 or the [0, 1] "
+                              f"box, by up to {over:.3g}"), err
+    x_adv = (x + 0.1).clamp(0, 1)  # on the ball's edge and the box's: counted
+    evaluate.check_threat_model(specs["fgsm"], x, x_adv)
+    evaluate.check_threat_model(specs["fgsm"], x, x_adv + 1e-7 * (x_adv < 1))
+
+
+def test_eval_autoattack_not_installed_or_too_few_classes_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """Asked for and not there: one line naming the pip command, exit 2, before any attack runs."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("pyautoattack", "autoattack")
+                        else real(name, *a))
+    path = eval_checkpoint(tmp_path / "m.pt")
+    for flag in (["--autoattack"], ["--attacks", "pgd20,autoattack"], ["--attacks", "autoattack"]):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--ckpt", path, "--n-examples", "8", "--device", "cpu", *flag])
+        out, err = capsys.readouterr()
+        assert e.value.code == 2 and out == "" and err == "error: --autoattack: AutoAttack is not installed: " \
+            "pip install pyautoattack\n", (flag, err)  # no table, no attack's progress line
+    # Installed, but APGD-T and FAB-T target 9 other classes: refused up front, not after every other attack.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: real("json") if name == "pyautoattack"
+                        else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", eval_checkpoint(tmp_path / "c4.pt", models.SmallCNN(num_classes=4), num_classes=4),
+                       "--autoattack", "--device", "cpu"])
+    assert e.value.code == 2 and "needs 10 classes or more; the model has 4" in capsys.readouterr().err
+
+
+def test_eval_autoattack_selected_by_flag_or_attacks_last_before_sanity():
+    names = lambda *argv: [s["name"] for s in evaluate.protocol_attacks(eval_args(*argv), True)[0]]
+    assert names("--autoattack")[-2:] == ["square", "autoattack"]
+    assert names("--autoattack", "--attacks", "pgd20,sanity") == ["pgd20", "autoattack"]
+    assert names("--attacks", "autoattack,pgd20") == ["pgd20", "autoattack"] and names("--attacks", "autoattack") \
+        == ["autoattack"]
+    assert "autoattack" not in names() and "autoattack" in names("--autoattack", "--paper-only")
+    spec = evaluate.protocol_attacks(eval_args("--autoattack", "--steps", "3", "--restarts", "2"), True)[0][-1]
+    package, version = evaluate.autoattack_package() or (None, None)
+    assert spec == dict(name="autoattack", kind="autoattack", eps=0.1, version="standard", package=package,
+                        package_version=version)  # --steps and --restarts leave AutoAttack standard
+
+
+needs_autoattack = pytest.mark.skipif(evaluate.autoattack_package() is None,
+                                      reason="AutoAttack is optional: pip install pyautoattack")
+
+
+@pytest.fixture(scope="module")
+def eval_toy10():
+    """eval_toy's linear model with 10 classes (AutoAttack standard targets 9 others), 16 points."""
+    g = torch.Generator().manual_seed(0)
+    protos = torch.randint(0, 2, (10, 1, 8, 8), generator=g).float() * 2 - 1
+    y = torch.randint(0, 10, (16,), generator=g)
+    scale = torch.linspace(0, 0.3, 16)[torch.randperm(16, generator=g)]
+    x = (0.5 + scale[:, None, None, None] * protos[y] + 0.1 * torch.randn(16, 1, 8, 8, generator=g))
+    return EvalPrototypes(protos), torch.utils.data.TensorDataset(torch.round(x.clamp(0, 1) * 255) / 255, y)
+
+
+@needs_autoattack
+def test_eval_autoattack_exact_on_a_linear_model_in_ball_and_box(eval_toy10, monkeypatch):
+    """On a linear model the worst case over the eps-ball and the [0, 1] box is exact, per other class
+    j: min over delta of <p_y - p_j, x + delta - 0.5> takes each pixel to its range's end. AutoAttack
+    finds every point that is not robust, and its examples are in the ball and the box."""
+    model, data = eval_toy10
+    check, seen = evaluate.check_threat_model, []
+    monkeypatch.setattr(evaluate, "check_threat_model", lambda spec, x, x_adv: seen.append((x, x_adv)) or
+                        check(spec, x, x_adv))
+    nat, robust, results, _ = eval_run(model, data, eval_args("--attacks", "autoattack"))
+    x, y = data.tensors
+    w, xf = model.protos.flatten(1), x.flatten(1)
+    lo, hi = (-xf).clamp(min=-0.1), (1 - xf).clamp(max=0.1)
+    d = w[y][:, None] - w[None]                                                      # (n, class j, pixel)
+    worst = ((xf - 0.5)[:, None] * d).sum(-1) + torch.minimum(d * lo[:, None], d * hi[:, None]).sum(-1)
+    worst[torch.arange(len(y)), y] = float("inf")
+    exact = worst.min(1).values > 0
+    assert torch.equal(robust, exact) and 0 < exact.sum() < nat.sum()  # partly robust: every stage ran
+    assert results[0]["accuracy"] == exact.float().mean().item() and results[0]["attacked"] == int(nat.sum())
+    assert len(seen) == 1 and all((x_adv - x).abs().max() <= 0.1 + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
+                                  for x, x_adv in seen)
+
+
+@needs_autoattack
+def test_eval_autoattack_cli_column_json_and_log(tmp_path):
+    """Through the CLI with --attacks: a SmallCNN that memorized 8 noise images falls to 0 at eps 0.3."""
+    test = torchvision.datasets.FakeData(64, (1, 28, 28), 10, torchvision.transforms.ToTensor(),
+                                         random_offset=1_000_000)  # eval_checkpoint's test set
+    x, y = torch.stack([test[i][0] for i in range(8)]), torch.tensor([test[i][1] for i in range(8)])
+    torch.manual_seed(0)
+    model = models.SmallCNN()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(30):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    out = str(tmp_path / "r.json")
+    proc = run_cli("evaluate.py", "--ckpt", eval_checkpoint(tmp_path / "m.pt", model), "--attacks", "pgd20,autoattack",
+                   "--attack-all", "--steps", "2", "--n-examples", "8", "--device", "cpu", "--out", out)
+    with open(out) as f:
+        rep = json.load(f)
+    package, version = evaluate.autoattack_package()
+    pgd, aa = rep["attacks"]
+    assert (pgd["name"], aa["name"], aa["settings"]["package"], aa["settings"]["package_version"]) == \
+        ("pgd20", "autoattack", package, version)
+    assert rep["natural"] == 1.0 and pgd["accuracy"] > 0.5 and aa["accuracy"] == rep["any_attack"] == 0.0
+    assert aa["attacked"] == 8 and "autoattack" in proc.stdout.splitlines()[0]  # --attack-all: every point
+    if package == "pyautoattack":  # its accuracy after each of its attacks, on stderr
+        assert "auto-attack DEBUG: robust accuracy after APGD-CE: 0.00%" in proc.stderr
+
+
+@needs_autoattack
+def test_eval_autoattack_log_warnings_to_stderr_not_its_chatter(capsys):
+    checks = pytest.importorskip("pyautoattack.checks")
+    log, root = logging.getLogger("auto-attack"), list(logging.getLogger().handlers)
+    saved = log.handlers[:], log.level, log.propagate
+    log.handlers.clear()
+    try:
+        evaluate.show_autoattack_log()
+        evaluate.show_autoattack_log()  # once
+        checks.check_square_sr({"clean": 1.0, "apgd-ce": 0.5, "square": 0.25}, logger=log)  # its own warning
+        log.debug("robust accuracy after SQUARE: 25.00% (total time 1.0 s)")
+        log.debug("square - 1/1 - 2 out of 4 successfully perturbed")
+    finally:
+        log.handlers[:], log.propagate = saved[0], saved[2]
+        log.setLevel(saved[1])
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith("auto-attack WARNING: Square Attack has decreased the robust accuracy")
+    assert err[1] == "auto-attack DEBUG: robust accuracy after SQUARE: 25.00% (total time 1.0 s)"
+    assert logging.getLogger().handlers == root
 
 
 # ---------------------------------------------------------------- resume, errors, determinism
