@@ -1119,6 +1119,27 @@ def test_eval_speed_flags_give_the_same_numbers(eval_toy, capsys):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "native bf16" in proc.stderr
 
 
+def test_eval_amp_runs_apgd_and_square_on_the_fp32_forward(eval_toy):
+    # bf16 blurs the loss comparisons APGD and Square steer by (benchmarks/cpu_speed.py --strength):
+    # under --amp they query the fp32 forward and break exactly the points of an fp32 run
+    if not (torch.cpu._is_avx512_bf16_supported() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        pytest.skip("this CPU has no native bf16 (AVX512_BF16 or AMX)")
+    model, data = eval_toy
+    names = ("--attacks", "pgd20,apgd-ce,square", "--steps", "5", "--square-queries", "20", "--attack-all")
+    plain = {r["name"]: r for r in eval_run(model, data, eval_args(*names))[2]}
+    args = eval_args(*names, "--amp")
+    specs, sanity = evaluate.protocol_attacks(args, mnist_like=True)
+    natural, _, results, _ = evaluate.evaluate(evaluate.accelerate(model, args), data, specs, sanity, args,
+                                               None, [evaluate.accelerate(model, args, amp=False), None])
+    amp = {r["name"]: r for r in results}
+    assert [amp[n]["forward"] for n in ("pgd20", "apgd-ce", "square")] == ["bf16", "fp32", "fp32"]
+    assert all(plain[n]["forward"] == "fp32" for n in plain)
+    assert amp["pgd20"]["attacked"] == plain["pgd20"]["attacked"] > 0  # bf16 keeps the toy's predictions
+    for n in ("apgd-ce", "square"):
+        assert amp[n]["accuracy"] == plain[n]["accuracy"] and amp[n]["newly_broken"] == plain[n]["newly_broken"]
+    assert plain["apgd-ce"]["accuracy"] < natural.float().mean()  # the attack breaks some points
+
+
 def test_eval_apgd_columns_added_marked_and_dropped_by_paper_only(eval_toy, capsys):
     model, data = eval_toy
     for protocol, paper in (("calibrated", ["pgd20", "pgd100", "cw", "fgsm", "square"]),
