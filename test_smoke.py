@@ -994,15 +994,20 @@ class EvalRounding(torch.nn.Module):
         return self.model(torch.round(x * 255) / 255)
 
 
-@pytest.fixture(scope="module")
-def eval_toy():
+def prototype_toy(classes, n):
+    """A linear model on `classes` prototypes and n noisy points of them, at seeded distances."""
     g = torch.Generator().manual_seed(0)
-    protos = torch.randint(0, 2, (4, 1, 8, 8), generator=g).float() * 2 - 1
-    y = torch.randint(0, 4, (64,), generator=g)
-    scale = torch.linspace(0, 0.3, 64)[torch.randperm(64, generator=g)]
-    x = (0.5 + scale[:, None, None, None] * protos[y] + 0.1 * torch.randn(64, 1, 8, 8, generator=g))
+    protos = torch.randint(0, 2, (classes, 1, 8, 8), generator=g).float() * 2 - 1
+    y = torch.randint(0, classes, (n,), generator=g)
+    scale = torch.linspace(0, 0.3, n)[torch.randperm(n, generator=g)]
+    x = (0.5 + scale[:, None, None, None] * protos[y] + 0.1 * torch.randn(n, 1, 8, 8, generator=g))
     x = torch.round(x.clamp(0, 1) * 255) / 255  # on the 8-bit grid, as images are
     return EvalPrototypes(protos), torch.utils.data.TensorDataset(x, y)
+
+
+@pytest.fixture(scope="module")
+def eval_toy():
+    return prototype_toy(4, 64)
 
 
 def eval_args(*argv, protocol="calibrated"):
@@ -1331,12 +1336,7 @@ needs_autoattack = pytest.mark.skipif(evaluate.autoattack_package() is None,
 @pytest.fixture(scope="module")
 def eval_toy10():
     """eval_toy's linear model with 10 classes (AutoAttack standard targets 9 others), 16 points."""
-    g = torch.Generator().manual_seed(0)
-    protos = torch.randint(0, 2, (10, 1, 8, 8), generator=g).float() * 2 - 1
-    y = torch.randint(0, 10, (16,), generator=g)
-    scale = torch.linspace(0, 0.3, 16)[torch.randperm(16, generator=g)]
-    x = (0.5 + scale[:, None, None, None] * protos[y] + 0.1 * torch.randn(16, 1, 8, 8, generator=g))
-    return EvalPrototypes(protos), torch.utils.data.TensorDataset(torch.round(x.clamp(0, 1) * 255) / 255, y)
+    return prototype_toy(10, 16)
 
 
 @needs_autoattack

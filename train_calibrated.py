@@ -87,8 +87,7 @@ def calibrated_loss(logits_nat, logits_cali, y, beta, weighted_ce=True):
 
 
 def mask_loss(logits_cali, logits_adv, y, beta1):
-    """Eq. (14): KL to the prediction on x' (x_cali stays close to x') + beta1 CE(f(x_cali), y)
-    (x_cali keeps the label y), batch mean."""
+    """Eq. (14): KL to f(x') (x_cali stays close to x') + beta1 CE(f(x_cali), y) (x_cali keeps y), batch mean."""
     return kl(logits_cali, logits_adv) + beta1 * F.cross_entropy(logits_cali, y)   # Eq. (14)
 
 
@@ -134,8 +133,7 @@ def train_step(model, mask_net, f_net, attack_net, g_net, opt_f, opt_g, scaler, 
 
 
 def write_masks_png(model, mask_net, test, args, n=8):
-    """DIR/masks.png, the paper's Fig. 2: rows x, x', M and x_cali for n test images, in eval mode
-    under the training attack."""
+    """DIR/masks.png, the paper's Fig. 2: rows x, x', M and x_cali for n test images (eval mode, training attack)."""
     x, y, _ = next(iter(DataLoader(test, n)))
     x, y = x.to(args.device), y.to(args.device)
     torch.manual_seed(args.seed)  # the picture is a function of the checkpoint
