@@ -367,7 +367,7 @@ def print_table(label, report):
     print(label + "".join(f"  {100 * a:>{w}.2f}" for a, w in zip(accs, widths)))
     print("accuracy (%) under each attack alone" if report["attack_all"] else
           "accuracy (%) under each attack and every attack to its left (--attack-all: each alone)",
-          "; the forward in bf16 autocast (--amp), APGD, Square, AutoAttack's in fp32" if report["amp"] else "; fp32", sep="")
+          "; the forward in bf16 autocast (--amp), APGD, Square, AutoAttack's in fp32" if report.get("amp") else "; fp32", sep="")
     if any(r["settings"].get("added") for r in report["attacks"]):
         print("* added, not in the paper's protocol (--paper-only drops it)")
     for name, f in report["flags"].items():

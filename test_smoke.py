@@ -1589,7 +1589,7 @@ def test_torchrun_calibrated_two_ranks(tmp_path):
 
 def test_amp_on_cpu_is_refused(tmp_path):
     proc = run_cli(*CUSTOM, "--amp", "fp16", "--out", str(tmp_path / "x"), check=False)  # CUSTOM: --device cpu
-    assert proc.returncode == 2 and "--amp needs CUDA" in proc.stderr
+    assert proc.returncode == 2 and "--amp fp16 needs CUDA" in proc.stderr
 
 
 def test_ranks_never_share_an_index_within_an_epoch():
