@@ -1339,6 +1339,30 @@ def eval_toy10():
     return prototype_toy(10, 16)
 
 
+def test_eval_autoattack_alone_in_both_modes_and_its_agreement_with_the_chain(monkeypatch):
+    """AutoAttack attacks every naturally correct point even after a chain that runs on survivors
+    (its column is its own number), and counts the points only it breaks and those only the chain
+    breaks. Scripted masks: point 0 natural-wrong, the chain (pgd20) breaks 1 and 2, AutoAttack 2 and 3."""
+    breaks = {"natural": {0}, "pgd20": {1, 2}, "autoattack": {2, 3}}
+    seen = {}
+
+    def fake(spec, source, model, data, points, args):
+        seen.setdefault(spec["name"], points.tolist())
+        return torch.tensor([int(i) not in breaks[spec["name"]] for i in points]), 0.0
+    monkeypatch.setattr(evaluate, "run_attack", fake)
+    for mode in ([], ["--attack-all"]):
+        seen.clear()
+        specs = [{"name": "pgd20", "kind": "pgd"}, {"name": "autoattack", "kind": "autoattack"}]
+        natural, robust, (pgd, aa), _ = evaluate.evaluate(None, list(range(8)), specs, None, eval_args(*mode))
+        assert seen["autoattack"] == list(range(1, 8)) == seen["pgd20"]  # every naturally correct point
+        assert robust.nonzero().flatten().tolist() == [4, 5, 6, 7] and aa["accuracy"] == 5 / 8
+        assert (aa["newly_broken"], aa["missed"], pgd["newly_broken"]) == (1, 1, 2)  # 3 only AA, 1 only pgd20
+    breaks["pgd100"] = {3}  # a chain without AutoAttack: each attack on the survivors, nothing "missed"
+    *_, (pgd20, pgd100), _ = evaluate.evaluate(None, list(range(8)), [{"name": "pgd20", "kind": "pgd"},
+                                                                      {"name": "pgd100", "kind": "pgd"}], None, eval_args())
+    assert (pgd100["attacked"], pgd100["newly_broken"], pgd20["missed"], pgd100["missed"]) == (5, 1, None, None)
+
+
 @needs_autoattack
 def test_eval_autoattack_exact_on_a_linear_model_in_ball_and_box(eval_toy10, monkeypatch):
     """On a linear model the worst case over the eps-ball and the [0, 1] box is exact, per other class
@@ -1731,6 +1755,16 @@ def test_mnist_table1_keeps_models_reproduces_landed_rows_and_skips_finished_wor
     # Finished work is skipped: the same call again trains and evaluates nothing.
     before = res.read_text()
     assert "training" not in table1("--seeds", "0").stdout and res.read_text() == before
+    if evaluate.autoattack_package():  # step 5, as optional as AutoAttack
+        out = table1("--seeds", "0", "--autoattack").stdout
+        (row_aa,) = rows()
+        s, e, n = row_aa["acc_strong"], row_aa["autoattack"], strong["n"]
+        assert "training" not in out and {k: s[k] for k in strong} == strong and "AutoAttack standard after" in out
+        # |AA broken| - |chain broken| = only AA - only the chain; the union drops only AA's from the chain's
+        assert round(n * (e["chain_any_again"] - s["autoattack"])) == e["only_autoattack"] - e["only_chain"]
+        assert round(n * (e["chain_any_again"] - s["any_with_autoattack"])) == e["only_autoattack"]
+        before = res.read_text()
+        assert "AutoAttack standard after" not in table1("--seeds", "0", "--autoattack").stdout and res.read_text() == before
     # A landed row (no kept model) is retrained by its command. The same log: its landed numbers
     # stand (a marker shows they were not re-evaluated); a different log: re-evaluated, both kept.
     landed = {k: v for k, v in row.items() if k not in ("checkpoint", "acc_strong", "flags", "strong")}

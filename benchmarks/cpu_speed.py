@@ -8,9 +8,11 @@ recipes AT(0.3), TRADES(0.3) and calibrated_cw(0.3) (benchmarks/mnist_table1.py'
 each trainer's own train_step), under each VARIANT in a process of its own (the kernels' ISA is
 read when torch loads), rounds interleaved, the median of --reps; each as a ratio to the first, the
 pinned fp32 protocol of the landed Table 1 rows. GFLOP/s counts the step's convolutions and matrix
-products (forward and backward, by flop_counter's formulas) against one core's peak at the nominal
-clock: 64 FLOP/cycle in fp32 (AVX-512, 2 FMA ports), 1,024 in bf16 with AMX (one 16x16x32 TDPBF16PS
-per 16 cycles), 128 with AVX512_BF16 alone. End to end: each trainer's CLI, one epoch, the pinned
+products (forward and backward, by flop_counter's formulas) against one core's peak at the clock
+/proc/cpuinfo reports, for the kernels the variant's oneDNN names (peak_flop_per_cycle): Intel, 64
+FLOP/cycle in fp32 (AVX-512, 2 FMA ports), 128 in bf16 with AVX512_BF16, 1,024 with AMX (one
+16x16x32 TDPBF16PS per 16 cycles); AMD Zen 4 (family 25) runs AVX-512 on 256-bit units, 32 and 64;
+Zen 5 (family 26), 64 and 128. bf16 can thus at most double fp32 on Zen 4 and Zen 5. End to end: each trainer's CLI, one epoch, the pinned
 fp32 protocol and the fast path side by side (two processes, one thread each), images/s from
 log.jsonl. Results: benchmarks/results/cpu_speed.json.
 
@@ -49,7 +51,31 @@ VARIANTS = {"fp32, AVX2 pinned (landed rows)": (PIN_AVX2, []),
             "bf16 + channels-last + compile": (mnist_table1.ISA_FAST, ["--amp", "bf16", "--channels-last",
                                                                       "--compile"])}
 RECIPES = ["AT(0.3)", "TRADES(0.3)", "calibrated_cw(0.3)"]
-PEAK_PER_CYCLE = {"fp32": 64, "bf16 AMX": 1024, "bf16 AVX512_BF16": 128}
+
+
+def peak_flop_per_cycle():
+    """One core's FLOP/cycle by kind of kernel, for this CPU (module doc; vendor and family read from
+    /proc/cpuinfo, which says nothing of the width of its units)."""
+    info = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
+                if ":" in line)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    zen4 = info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25"  # 256-bit datapaths
+    return {"fp32": 32 if zen4 else 64, "bf16 AVX512_BF16": 64 if zen4 else 128, "bf16 AMX": 1024}
+
+
+def add_peaks(result):
+    """GFLOP/s and the share of the peak of each step in `result` (its steps, machine and variants'
+    oneDNN ISA); a function of what was measured, so that an older result can be re-derived."""
+    peak, ghz, base = result["peak_flop_per_cycle"], result["machine"]["nominal_ghz"], next(iter(result["steps"]))
+    for v, rs in result["steps"].items():
+        isa = result["variants"][v]["onednn_isa"] or ""
+        kind = "fp32" if "bf16" not in v else "bf16 AMX" if "AMX" in isa else "bf16 AVX512_BF16"
+        for r, s in rs.items():
+            if "seconds_per_step" in s:
+                flops = s["flops_per_step"] or result["steps"][base][r]["flops_per_step"]
+                s.update(kind=kind, gflop_per_s=flops / s["seconds_per_step"] / 1e9)
+                s["peak_share"] = s["gflop_per_s"] / (peak[kind] * ghz) if ghz else None
+    return result
 RESULTS = os.path.join(R.REPO, "benchmarks", "results", "cpu_speed.json")
 STRENGTH = os.path.join(R.REPO, "benchmarks", "results", "cpu_speed_strength.json")
 
@@ -157,30 +183,24 @@ def end_to_end(args):
 def speed(args):
     steps, base = measure_steps(args), next(iter(VARIANTS))
     ghz = float(next((line.split(":")[1] for line in open("/proc/cpuinfo") if line.startswith("cpu MHz")), "0")) / 1e3
+    for v, rs in steps.items():
+        for r, s in rs.items():
+            if "seconds_per_step" in s:
+                s.update(images_per_s=100 / s["seconds_per_step"],
+                         ratio=steps[base][r]["seconds_per_step"] / s["seconds_per_step"])
+    result = add_peaks({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": R.commit(),
+                        "machine": {**R.machine(argparse.Namespace(device="cpu", threads=1)), "nominal_ghz": ghz},
+                        "peak_flop_per_cycle": peak_flop_per_cycle(), "batch_size": 100, "threads": 1,
+                        "reps": args.reps, "steps_per_rep": args.steps, "note": args.note,
+                        "variants": {v: {"env": env, "flags": flags, "onednn_isa": R.onednn_isa(env)}
+                                     for v, (env, flags) in VARIANTS.items()}, "steps": steps})
     print(f"\n| variant | " + " | ".join(f"{r} img/s (x)" for r in RECIPES) + " |\n|---|" + "---|" * len(RECIPES))
     for v, rs in steps.items():
-        cells = []
-        for r in RECIPES:
-            s = rs[r]
-            if "seconds_per_step" not in s:
-                cells.append(s["error"][:60])
-                continue
-            s["images_per_s"] = 100 / s["seconds_per_step"]
-            s["ratio"] = steps[base][r]["seconds_per_step"] / s["seconds_per_step"]
-            flops = s["flops_per_step"] or steps[base][r]["flops_per_step"]
-            s["gflop_per_s"] = flops / s["seconds_per_step"] / 1e9
-            kind = "fp32" if "bf16" not in v else "bf16 AVX512_BF16" if "no AMX" in v else "bf16 AMX"
-            s["peak_share"] = s["gflop_per_s"] / (PEAK_PER_CYCLE[kind] * ghz) if ghz else None
-            cells.append(f"{s['images_per_s']:.1f} (x{s['ratio']:.2f}; {s['gflop_per_s']:.0f} GFLOP/s"
-                         + (f", {100 * s['peak_share']:.1f} % of {kind} peak)" if ghz else ")"))
+        cells = [rs[r]["error"][:60] if "seconds_per_step" not in rs[r] else
+                 f"{rs[r]['images_per_s']:.1f} (x{rs[r]['ratio']:.2f}; {rs[r]['gflop_per_s']:.0f} GFLOP/s"
+                 + (f", {100 * rs[r]['peak_share']:.1f} % of {rs[r]['kind']} peak)" if ghz else ")") for r in RECIPES]
         print(f"| {v} | " + " | ".join(cells) + " |")
-    e2e = end_to_end(args)
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": R.commit(),
-              "machine": {**R.machine(argparse.Namespace(device="cpu", threads=1)), "nominal_ghz": ghz},
-              "peak_flop_per_cycle": PEAK_PER_CYCLE, "batch_size": 100, "threads": 1, "reps": args.reps,
-              "steps_per_rep": args.steps, "note": args.note,
-              "variants": {v: {"env": VARIANTS[v][0], "flags": VARIANTS[v][1]} for v in VARIANTS},
-              "steps": steps, "end_to_end": e2e}
+    result["end_to_end"] = end_to_end(args)
     with open(args.out or RESULTS, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {R.rel(args.out or RESULTS)}")

@@ -33,12 +33,19 @@ each attack alone on every naturally correct test image (evaluate.py --attack-al
     python benchmarks/mnist_table1.py --summary         # the mean +- std table and the verdicts
     python benchmarks/mnist_table1.py --quick           # a smoke run into runs/, not the results
     python benchmarks/mnist_table1.py --fast --rows "TRADES(0.3)"   # the CPU's fast path, its own results
+    python benchmarks/mnist_table1.py --autoattack      # + AutoAttack standard (pip install pyautoattack)
 
 --fast trains with bf16 autocast and channels-last (--amp bf16 --channels-last), evaluates in fp32
 with channels-last, and pins the kernels to AVX-512 with oneDNN capped at AMX (ISA_FAST); its rows
 go to benchmarks/results/mnist_table1_bf16.json, their models to checkpoints/ROW_seedS_bf16.pt.
+
+--autoattack adds AutoAttack standard on the strong evaluation's 1,000 images (eps 0.3; runner.py,
+step 5) to each row that lacks it, in fp32 with channels-last and the kernels of ISA_FAST (no pin is
+needed to reproduce an evaluation): acc_strong's "autoattack", and in "autoattack" the images only
+it breaks and only our chain breaks.
 """
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -93,7 +100,8 @@ RESULTS_FAST = os.path.join(R.REPO, "benchmarks", "results", "mnist_table1_bf16.
 
 def table(rows):
     """Markdown, one line per (row, seed): ours [paper], accuracy (%) at eps 0.3."""
-    lines = ["| row | seed | natural | PGD-20 | PGD-100 | C&W-inf | strong: APGD-CE / APGD-T / Square / any (n) "
+    lines = ["| row | seed | natural | PGD-20 | PGD-100 | C&W-inf | strong: APGD-CE / APGD-T / Square / any / "
+             "AutoAttack (n) "
              "| flags | train s | log reproduced |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         paper = PAPER.get(r["name"], (None,) * 3) + (None,)
@@ -101,8 +109,8 @@ def table(rows):
                                                f" [{'-' if p is None else p}]")
                  for k, p in zip(("natural", "pgd20", "pgd100", "cw"), paper)]
         s = r.get("acc_strong")
-        strong = " / ".join(f"{100 * s[k]:.1f}" for k in ("apgd-ce", "apgd-t", "square", "any")) + \
-            f" ({s['n']})" if s else "-"
+        strong = " / ".join(f"{100 * s[k]:.1f}" if k in s else "-" for k in ("apgd-ce", "apgd-t", "square", "any",
+                                                                            "autoattack")) + f" ({s['n']})" if s else "-"
         rep = r.get("reproduced")
         rep = "-" if rep is None else "yes" if rep["log_equal"] else "no (re-evaluated)"
         lines.append(f"| {r['name']} | {r['seed']} | " + " | ".join(cells) + f" | {strong} | "
@@ -116,8 +124,9 @@ def summary(rows):
     for r in rows:
         by.setdefault(r["name"], {})[r["seed"]] = r
     cols = [("natural", "acc", "natural"), ("PGD-20", "acc", "pgd20"), ("PGD-100", "acc", "pgd100"),
-            ("C&W-inf", "acc", "cw"), ("any attack (1,000)", "acc_strong", "any")]
-    get = lambda r, part, k: 100 * r[part][k] if part in r else None
+            ("C&W-inf", "acc", "cw"), ("any attack (1,000)", "acc_strong", "any"),
+            ("AutoAttack (1,000)", "acc_strong", "autoattack")]
+    get = lambda r, part, k: 100 * r[part][k] if k in r.get(part, {}) else None
 
     def cell(name, part, k):
         v = [x for x in (get(r, part, k) for r in by[name].values()) if x is not None]
@@ -139,17 +148,18 @@ def summary(rows):
     n = lambda part: next((f"{r['n_test'] if part == 'acc' else r['acc_strong']['n']:,}" for r in rows if part in r),
                           "")
     lines[0] = lines[0].replace("(1,000)", f"({n('acc_strong')})")
-    lines += ["", f"| claim | PGD-20 ({n('acc')}) | PGD-100 ({n('acc')}) | any attack ({n('acc_strong')}) |",
-              "|---|---|---|---|"]
+    lines += ["", f"| claim | PGD-20 ({n('acc')}) | PGD-100 ({n('acc')}) | any attack ({n('acc_strong')}) | "
+              f"AutoAttack ({n('acc_strong')}) |", "|---|---|---|---|---|"]
     for a, b in CLAIMS:
         if a not in by or b not in by:
             continue
         cells = []
-        for part, k in (("acc", "pgd20"), ("acc", "pgd100"), ("acc_strong", "any")):
-            seeds = sorted(s for s in set(by[a]) & set(by[b]) if part in by[a][s] and part in by[b][s])
+        for part, k in (("acc", "pgd20"), ("acc", "pgd100"), ("acc_strong", "any"), ("acc_strong", "autoattack")):
+            has = lambda r: get(r, part, k) is not None
+            seeds = sorted(s for s in set(by[a]) & set(by[b]) if has(by[a][s]) and has(by[b][s]))
             d = [get(by[a][s], part, k) - get(by[b][s], part, k) for s in seeds]
             # one seed: the spread is that of the worse row over its seeds (all we measured)
-            ref = [get(r, part, k) for r in by[b].values() if part in r and not at_chance(r)]
+            ref = [get(r, part, k) for r in by[b].values() if has(r) and not at_chance(r)]
             cells.append(verdict(d, seeds, ref, [at_chance(by[a][s]) or at_chance(by[b][s]) for s in seeds]))
         lines.append(f"| {a} > {b} | " + " | ".join(cells) + " |")
     if "AT(0.4)" in by:
@@ -213,6 +223,9 @@ def main():
                            ("n_strong", 1000, 50), ("square_queries", 5000, 20)):
         unset(k, full, quick)
     args.strong_extra, args.threads = ["--steps", "5"] if args.quick else [], 1
+    args.autoattack_env = ISA_FAST if args.device == "cpu" else {}  # step 5 is fp32: the fastest fp32 kernels
+    if args.autoattack and not any(map(importlib.util.find_spec, ("pyautoattack", "autoattack"))):
+        sys.exit("error: --autoattack: AutoAttack is not installed: pip install pyautoattack")
     R.paths(args, "mnist_table1", RESULTS_FAST if args.fast else RESULTS, "_quick" if args.quick else "",
             "_bf16" if args.fast else "")
     if args.summary:

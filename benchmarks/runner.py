@@ -12,7 +12,10 @@ A job is one (row, seed), its steps skipped where their result is already in the
   3. the final classifier, weights only, kept as RESULTS_DIR/checkpoints/ROW_seedS.pt (its sha256 in
      the row): `python evaluate.py --ckpt` re-checks any number without retraining;
   4. the strong evaluation of that file: evaluate.py's whole chain (the paper's attacks, APGD-CE,
-     APGD-T, Square), each attack alone, its per-sample worst case ("any") and the masking flags.
+     APGD-T, Square), each attack alone, its per-sample worst case ("any") and the masking flags;
+  5. with --autoattack: AutoAttack standard on the same images, with the chain of step 4 again (on
+     its survivors, the cheap way to its per-sample "any"): AutoAttack's robust accuracy, and how many
+     points only it breaks and only the chain breaks.
 
 The results file is written as each step lands, under a file lock (jobs run in threads, and two
 invocations may share the file), so a session can end at any time.
@@ -33,9 +36,10 @@ UNTIMED = lambda log: [{k: v for k, v in r.items() if k not in ("seconds", "imag
 rel = lambda path: os.path.relpath(path, REPO)  # the commands run in the repository root
 
 
-def call(cmd, log, threads=1):
-    """Run a CLI of this project (on the CPU: `threads` threads), output to `log`; (seconds, exit code)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def call(cmd, log, threads=1, env=None):
+    """Run a CLI of this project (on the CPU: `threads` threads; `env` on top of ours), output to `log`;
+    (seconds, exit code)."""
+    env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0 = time.time()
     with open(log, "a") as f:
         rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -54,11 +58,11 @@ def sha256(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def onednn_isa():
-    """The ISA oneDNN's kernels run with in this environment (its ISA cap, if any, and the CPU's), as
-    oneDNN's verbose mode names it."""
+def onednn_isa(env=None):
+    """The ISA oneDNN's kernels run with in this environment (`env` on top; its ISA cap, if any, and
+    the CPU's), as oneDNN's verbose mode names it."""
     conv = "import torch; torch.nn.functional.conv2d(torch.rand(8, 16, 16, 16), torch.rand(16, 16, 3, 3))"
-    out = subprocess.run([sys.executable, "-c", conv], env={**os.environ, "ONEDNN_VERBOSE": "1"},
+    out = subprocess.run([sys.executable, "-c", conv], env={**os.environ, **(env or {}), "ONEDNN_VERBOSE": "1"},
                          capture_output=True, text=True).stdout
     return next((line.split("isa:", 1)[1].strip() for line in out.splitlines() if "isa:" in line), None)
 
@@ -91,11 +95,11 @@ def save(row, path, order):
         os.replace(path + ".tmp", path)
 
 
-def evaluate(ckpt, flags, out, args):
+def evaluate(ckpt, flags, out, args, env=None):
     """evaluate.py on `ckpt` with `flags`, its JSON to `out`: (command, seconds, report), or None."""
     cmd = ["evaluate.py", "--ckpt", rel(ckpt), *flags, "--data-dir", rel(args.data_dir), "--device", args.device,
            "--out", rel(out)]
-    seconds, rc = call([sys.executable, *cmd], os.path.splitext(out)[0] + ".txt", args.threads)
+    seconds, rc = call([sys.executable, *cmd], os.path.splitext(out)[0] + ".txt", args.threads, env)
     if rc:
         print(f"{rel(ckpt)}: evaluate.py exited {rc}, see {os.path.splitext(out)[0]}.txt", flush=True)
         return None
@@ -206,6 +210,39 @@ def strong_evaluation(spec, row, args):
                        "attack_seconds": {a["name"]: a["seconds"] for a in ev["attacks"]}}}
 
 
+def autoattack_evaluation(spec, row, args):
+    """Step 5: AutoAttack standard on step 4's images and eps, after step 4's chain run on its
+    survivors (evaluate.py attacks every naturally correct point with AutoAttack all the same), with
+    the kernels of args.autoattack_env (evaluation is fp32: no pin needed to reproduce training).
+    The row's new keys, or None."""
+    name, seed, strong = spec["name"], spec["seed"], row["acc_strong"]
+    chain = [k for k in strong if k not in ("n", "natural", "any", "sanity_eps0.5")]
+    out = os.path.join(args.out, f"{name}_seed{seed}", "autoattack.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    print(f"{name} seed {seed}: AutoAttack standard after the chain {','.join(chain)}", flush=True)
+    flags = [*spec["strong"], "--attacks", ",".join(chain + ["autoattack"]), "--n-examples", str(strong["n"]),
+             "--square-queries", str(row["strong"]["square_queries"])]
+    flags += [] if "--channels-last" in flags else ["--channels-last"]  # fp32, the faster layout on a CPU
+    got = evaluate(os.path.join(REPO, row["checkpoint"]["path"]), flags + args.strong_extra, out, args,
+                   args.autoattack_env)
+    if got is None:
+        return None
+    cmd, seconds, ev = got
+    if ev["checkpoint"]["sha256"] != row["checkpoint"]["sha256"]:
+        print(f"{name} seed {seed}: the evaluated file is not the kept checkpoint; not recorded", flush=True)
+        return None
+    *ours, aa = ev["attacks"]
+    entry = {"command": cmd, "commit": commit(), "seconds": seconds, "package": aa["settings"]["package"],
+             "package_version": aa["settings"]["package_version"], "onednn_isa": onednn_isa(args.autoattack_env),
+             **args.autoattack_env, "chain_any_again": ours[-1]["accuracy"], "only_autoattack": aa["newly_broken"],
+             "only_chain": aa["missed"], "attack_seconds": {a["name"]: a["seconds"] for a in ev["attacks"]}}
+    print(f"{name} seed {seed}: AutoAttack {100 * aa['accuracy']:.1f}, the chain again {100 * ours[-1]['accuracy']:.1f} "
+          f"(landed {100 * strong['any']:.1f}); only AutoAttack breaks {aa['newly_broken']}, only the chain "
+          f"{aa['missed']}", flush=True)
+    return {"acc_strong": {**strong, "autoattack": aa["accuracy"], "any_with_autoattack": ev["any_attack"]},
+            "autoattack": entry}
+
+
 def run_job(spec, args, order, partial):
     """Whatever of steps 1-4 the (row, seed) still lacks, unless another invocation is running it.
     spec: name, seed, script, epochs, flags (training, without --epochs, --seed, --device, --out),
@@ -237,8 +274,14 @@ def job(spec, args, order, partial):
         save(row, args.results, order)
     if "acc_strong" not in row and not args.no_strong:
         strong = strong_evaluation(spec, row, args)
-        if strong is not None:
-            save({**row, **strong}, args.results, order)
+        if strong is None:
+            return
+        row = {**row, **strong}
+        save(row, args.results, order)
+    if args.autoattack and "acc_strong" in row and "autoattack" not in row["acc_strong"]:
+        aa = autoattack_evaluation(spec, row, args)
+        if aa is not None:
+            save({**row, **aa}, args.results, order)
 
 
 def paths(args, table, results, trial="", tag=""):
@@ -262,6 +305,8 @@ def add_arguments(p, results, epochs):
     a("--square-queries", type=int, help="Square's queries (default: AutoAttack's 5000)")
     a("--square-queries-later", type=int, help="Square's queries for seeds > 0 (default: the same)")
     a("--no-strong", action="store_true", help="stop after the checkpoint (step 3)")
+    a("--autoattack", action="store_true", help="step 5: AutoAttack standard on the strong evaluation's images "
+      "(pip install pyautoattack)")
     a("--train-size", type=int, help="train on N images (default: all)")
     a("--jobs", type=int, default=1, help="jobs in parallel")
     a("--out", help="run directories (default: runs/TABLE)")
