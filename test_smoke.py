@@ -1764,7 +1764,8 @@ def test_mnist_table1_keeps_models_reproduces_landed_rows_and_skips_finished_wor
         assert round(n * (e["chain_any_again"] - s["autoattack"])) == e["only_autoattack"] - e["only_chain"]
         assert round(n * (e["chain_any_again"] - s["any_with_autoattack"])) == e["only_autoattack"]
         before = res.read_text()
-        assert "AutoAttack standard after" not in table1("--seeds", "0", "--autoattack").stdout and res.read_text() == before
+        again = table1("--seeds", "0", "--autoattack").stdout
+        assert "AutoAttack standard after" not in again and res.read_text() == before
     # A landed row (no kept model) is retrained by its command. The same log: its landed numbers
     # stand (a marker shows they were not re-evaluated); a different log: re-evaluated, both kept.
     landed = {k: v for k, v in row.items() if k not in ("checkpoint", "acc_strong", "flags", "strong")}
@@ -1783,6 +1784,35 @@ def test_mnist_table1_keeps_models_reproduces_landed_rows_and_skips_finished_wor
         else:
             assert new["acc"] == row["acc"] and new["reproduced"]["landed_acc"] == marked["acc"]
         marked = {**marked, "epoch_log": [{**marked["epoch_log"][0], "train_loss": 1.0}]}
+
+
+def test_mnist_table1_budget_curve_trains_in_segments_the_same_run(tmp_path):
+    """--budget-curve: seed 0 trains to epoch 1, keeps that classifier, resumes to epoch 2: the log
+    and weights of one straight run, the snapshot that of a 1-epoch run; each gets the strong
+    evaluation; rows of another budget are other entries."""
+    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+    import mnist_table1
+    data, res = write_mnist_root(tmp_path / "data"), tmp_path / "results" / "table1.json"
+    table1 = lambda *a: run_cli("benchmarks/mnist_table1.py", "--quick", "--jobs", "1", "--rows", "AT(0.3)",
+                                "--data-dir", data, "--out", str(tmp_path / "runs"), "--results", str(res),
+                                "--n-test", "20", "--n-strong", "10", "--seeds", "0", *a).stdout
+    out = table1("--epochs", "2", "--budget-curve", "1")
+    assert "training to epoch 1 (--overwrite)" in out and "training to epoch 2 (--resume)" in out
+    (row,) = json.loads(res.read_text())["rows"]
+    (at,) = row["budget_curve"]
+    assert at["epoch"] == 1 and at["acc_strong"]["n"] == 10 and "acc_strong" in row and row["epochs"] == 2
+    cmd = row["command"].split()[1:]
+    for epochs in (1, 2):  # the same command straight, with the row's kernels
+        ref = str(tmp_path / f"straight{epochs}")
+        run_cli(*cmd[:cmd.index("--out") + 1], ref, *cmd[cmd.index("--out") + 2:], "--epochs", str(epochs),
+                env=mnist_table1.ISA)
+        kept = torch.load(os.path.join(HERE, (at if epochs == 1 else row)["checkpoint"]["path"]), weights_only=True)
+        straight = torch.load(os.path.join(ref, "model.pt"), weights_only=True)
+        assert all(torch.equal(kept["model"][k], v) for k, v in straight["model"].items()) and kept["epoch"] == epochs
+    assert untimed(row["epoch_log"]) == untimed(read_log(ref))
+    table1("--epochs", "1", "--no-strong")  # another budget: another entry, the 2-epoch one untouched
+    rows = json.loads(res.read_text())["rows"]
+    assert [r["epochs"] for r in rows] == [1, 2] and rows[1] == row
 
 
 # ---------------------------------------------------------------- CUDA only (skipped without a GPU)

@@ -366,8 +366,9 @@ def open_run(args, state):
         sys.exit(f"error: {src} is not a loadable checkpoint: not weights-only data (refused, nothing run)")
     except Exception as e:  # a truncated or foreign file
         sys.exit(f"error: {src} is not a loadable checkpoint ({type(e).__name__})")
-    # arguments that may change when a run is resumed; any other difference is refused
-    runtime = {"resume", "overwrite", "device", "workers", "out", "compile", "channels_last", "amp", "eval_size"}
+    # may change on --resume (--epochs extends a run, on its own milestones); any other difference is refused
+    runtime = {"resume", "overwrite", "device", "workers", "out", "compile", "channels_last", "amp", "eval_size",
+               "epochs"}
     diff = sorted(k for k, v in ck.get("args", {}).items() if k not in runtime and getattr(args, k, v) != v)
     if diff:
         sys.exit(f"error: {src} was trained with other settings: {', '.join(diff)}")

@@ -12,9 +12,9 @@ products (forward and backward, by flop_counter's formulas) against one core's p
 /proc/cpuinfo reports, for the kernels the variant's oneDNN names (peak_flop_per_cycle): Intel, 64
 FLOP/cycle in fp32 (AVX-512, 2 FMA ports), 128 in bf16 with AVX512_BF16, 1,024 with AMX (one
 16x16x32 TDPBF16PS per 16 cycles); AMD Zen 4 (family 25) runs AVX-512 on 256-bit units, 32 and 64;
-Zen 5 (family 26), 64 and 128. bf16 can thus at most double fp32 on Zen 4 and Zen 5. End to end: each trainer's CLI, one epoch, the pinned
-fp32 protocol and the fast path side by side (two processes, one thread each), images/s from
-log.jsonl. Results: benchmarks/results/cpu_speed.json.
+Zen 5 (family 26), 64 and 128. bf16 can thus at most double fp32 on Zen 4 and Zen 5. End to end:
+each trainer's CLI, one epoch, the pinned fp32 protocol and the fast path side by side (two
+processes, one thread each), images/s from log.jsonl. Results: benchmarks/results/cpu_speed.json.
 
 Strength (--strength): PGD-20 (the calibrated protocol's: CE, step 0.015, no random start) and
 APGD-CE (100 steps) at eps 0.3 on the first --n test images of three kept models, the model's

@@ -39,6 +39,15 @@ each attack alone on every naturally correct test image (evaluate.py --attack-al
 with channels-last, and pins the kernels to AVX-512 with oneDNN capped at AMX (ISA_FAST); its rows
 go to benchmarks/results/mnist_table1_bf16.json, their models to checkpoints/ROW_seedS_bf16.pt.
 
+The paper's budget, --epochs 40 --fast: every setting as above (lr x0.1 after epoch 30, as the
+release), bf16 autocast + channels-last training (budgets other than 3 epochs train only on the
+fast path, so that a (row, seed, epochs) names one model), entries with "epochs": 40 in
+mnist_table1.json beside the 3-epoch ones, models checkpoints/ROW_seedS_e40.pt. Seed 0 also keeps
+its classifier at epochs 10, 20 and 30 (--budget-curve; ROW_seed0_e40_atK.pt, trained in segments
+with --resume, the same run) and gives each the strong evaluation: the budget curve.
+
+    python benchmarks/mnist_table1.py --epochs 40 --fast --autoattack --rows "calibrated_cw(0.3)" "TRADES(0.3)"
+
 --autoattack adds AutoAttack standard on the strong evaluation's 1,000 images (eps 0.3; runner.py,
 step 5) to each row that lacks it, in fp32 with channels-last and the kernels of ISA_FAST (no pin is
 needed to reproduce an evaluation): acc_strong's "autoattack", and in "autoattack" the images only
@@ -109,8 +118,8 @@ def table(rows):
                                                f" [{'-' if p is None else p}]")
                  for k, p in zip(("natural", "pgd20", "pgd100", "cw"), paper)]
         s = r.get("acc_strong")
-        strong = " / ".join(f"{100 * s[k]:.1f}" if k in s else "-" for k in ("apgd-ce", "apgd-t", "square", "any",
-                                                                            "autoattack")) + f" ({s['n']})" if s else "-"
+        cols = ("apgd-ce", "apgd-t", "square", "any", "autoattack")
+        strong = " / ".join(f"{100 * s[k]:.1f}" if k in s else "-" for k in cols) + f" ({s['n']})" if s else "-"
         rep = r.get("reproduced")
         rep = "-" if rep is None else "yes" if rep["log_equal"] else "no (re-evaluated)"
         lines.append(f"| {r['name']} | {r['seed']} | " + " | ".join(cells) + f" | {strong} | "
@@ -197,12 +206,34 @@ def verdict(d, seeds, ref, marked):
                                    f" (seed {seeds[0]} only" + (f"; seed sd {spread:.1f})" if spread else ")"))
 
 
+def budget_curve(rows):
+    """Markdown: the strong evaluation of each row's classifier at its kept epochs and at its last."""
+    lines = ["| row | seed | epoch | natural | APGD-CE | APGD-T | Square | any attack (n) | flags |", "|---" * 9 + "|"]
+    for r in (r for r in rows if r.get("budget_curve") and "acc_strong" in r):
+        for at in [*r["budget_curve"], {"epoch": r["epochs"], **r}]:
+            s = at.get("acc_strong")
+            cells = [f"{100 * s[k]:.1f}" for k in ("natural", "apgd-ce", "apgd-t", "square", "any")] if s else ["-"] * 5
+            lines.append(f"| {r['name']} | {r['seed']} | {at['epoch']} | " + " | ".join(cells[:4]) +
+                         (f" | {cells[4]} ({s['n']}) | {', '.join(at['flags']) or 'none'} |" if s else " | - | - |"))
+    return "\n".join(lines)
+
+
+def report(rows):
+    """Each budget's tables, the longest first; its budget curve under it."""
+    out = []
+    for e in sorted({r["epochs"] for r in rows}, reverse=True):
+        group = [r for r in rows if r["epochs"] == e]
+        out += [f"## {e} epochs", table(group), summary(group)]
+        out += ["budget curve:\n" + budget_curve(group)] if any(r.get("budget_curve") for r in group) else []
+    return "\n\n".join(out)
+
+
 def spec(name, seed, args):
     script, flags = row_flags(name, args.epochs)
     flags += ["--dataset", "mnist", "--data-dir", R.rel(args.data_dir), "--eval-size", "200"]
     fast = ["--channels-last"] if args.fast else []  # evaluation: fp32 always
     return dict(name=name, seed=seed, script=script, epochs=args.epochs, flags=flags + ["--amp", "bf16"] * args.fast
-                + fast, eval=EVAL + fast, strong=STRONG + fast)
+                + fast, eval=EVAL + fast, strong=STRONG + fast, keep=args.budget_curve if seed == 0 else [])
 
 
 def main():
@@ -216,21 +247,28 @@ def main():
                    "images, a weak strong evaluation of 50; results in runs/mnist_table1_quick")
     p.add_argument("--fast", action="store_true", help="train in bf16 autocast + channels-last with the AVX-512 / "
                    "AMX kernels (ISA_FAST); evaluate in fp32; results in mnist_table1_bf16.json")
+    p.add_argument("--budget-curve", type=int, nargs="*", help="seed 0: keep the classifier at these epochs too "
+                   "and give each the strong evaluation (default with --epochs 40: 10 20 30)")
     p.set_defaults(jobs=2)  # one thread each, as the landed rows ran
     args = p.parse_args()
     unset = lambda k, full, quick: setattr(args, k, getattr(args, k) or (quick if args.quick else full))
     for k, full, quick in (("epochs", 3, 1), ("train_size", None, 200), ("n_test", None, 100),
                            ("n_strong", 1000, 50), ("square_queries", 5000, 20)):
         unset(k, full, quick)
+    if args.budget_curve is None:
+        args.budget_curve = [10, 20, 30] if args.epochs == 40 else []
+    if args.epochs != 3 and not (args.fast or args.quick):  # so that one (row, seed, epochs) names one model
+        sys.exit(f"error: --epochs {args.epochs}: budgets other than the landed 3 epochs train on the fast path; "
+                 "add --fast")
     args.strong_extra, args.threads = ["--steps", "5"] if args.quick else [], 1
     args.autoattack_env = ISA_FAST if args.device == "cpu" else {}  # step 5 is fp32: the fastest fp32 kernels
     if args.autoattack and not any(map(importlib.util.find_spec, ("pyautoattack", "autoattack"))):
         sys.exit("error: --autoattack: AutoAttack is not installed: pip install pyautoattack")
-    R.paths(args, "mnist_table1", RESULTS_FAST if args.fast else RESULTS, "_quick" if args.quick else "",
-            "_bf16" if args.fast else "")
+    three = args.epochs == 3 or args.quick  # 3 epochs: the landed fp32 rows, or the --fast ones apart
+    R.paths(args, "mnist_table1", RESULTS_FAST if args.fast and three else RESULTS, "_quick" if args.quick else "",
+            ("_bf16" if args.fast else "") if three else f"_e{args.epochs}")
     if args.summary:
-        rows = R.load(args.results)["rows"]
-        print(table(rows) + "\n\n" + summary(rows))
+        print(report(R.load(args.results)["rows"]))
         return
     if args.device == "cpu":  # the landed rows ran with AVX2 kernels; with the same kernels a retrained row
         os.environ.update(ISA_FAST if args.fast else ISA)  # reproduces its landed log (AVX-512: not)
@@ -240,8 +278,7 @@ def main():
     print(f"{len(jobs)} jobs; {len(R.load(args.results)['rows'])} rows in {R.rel(args.results)}", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda job: R.run_job(job, args, ROWS, PARTIAL + args.tag), jobs))
-    rows = R.load(args.results)["rows"]
-    print(table(rows) + "\n\n" + summary(rows))
+    print(report(R.load(args.results)["rows"]))
 
 if __name__ == "__main__":
     main()

@@ -1,10 +1,14 @@
 """What mnist_table1.py and cifar10_tables.py share: a table row, run by the project's real CLIs.
 
-A job is one (row, seed), its steps skipped where their result is already in the results file:
+A job is one (row, seed, epochs), its steps skipped where their result is already in the results
+file (a row of another budget is another entry):
 
   1. train (or --resume) the row's command in OUT/ROW_seedS/; a half-trained row carried from an
      earlier session in benchmarks/results/<table>_partial/ROW_seedS/ (model.pt, log.jsonl,
-     commit.txt) continues from there;
+     commit.txt) continues from there. With spec["keep"] (the budget curve) it trains in segments,
+     --epochs k then --resume --epochs of the next k (the same run bit for bit: the trainers seed
+     each epoch and keep their milestones), and keeps the classifier at each k as
+     ROW_seedS{tag}_at{k}.pt;
   2. the paper's evaluation (evaluate.py). A row already in the results file without a kept model
      (trained before models were kept) is retrained: if its per-epoch log equals the landed one in
      every value but seconds and images/s, training reproduced it and its landed accuracies stand;
@@ -13,6 +17,7 @@ A job is one (row, seed), its steps skipped where their result is already in the
      the row): `python evaluate.py --ckpt` re-checks any number without retraining;
   4. the strong evaluation of that file: evaluate.py's whole chain (the paper's attacks, APGD-CE,
      APGD-T, Square), each attack alone, its per-sample worst case ("any") and the masking flags;
+  4b. the same strong evaluation of each kept snapshot, into row["budget_curve"];
   5. with --autoattack: AutoAttack standard on the same images, with the chain of step 4 again (on
      its survivors, the cheap way to its per-sample "any"): AutoAttack's robust accuracy, and how many
      points only it breaks and only the chain breaks.
@@ -82,14 +87,19 @@ def load(path):
     return json.load(open(path)) if os.path.exists(path) else {"rows": []}
 
 
+key = lambda r: (r["name"], r["seed"], r.get("epochs"))
+
+
 def save(row, path, order):
-    """Put `row` into the results file under a file lock, rows sorted by (order.index(name), seed)."""
+    """Put `row` into the results file under a file lock, in place of the entry of its (name, seed,
+    epochs), rows sorted by (epochs, order.index(name), seed)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = load(path)
-        results["rows"] = [r for r in results["rows"] if (r["name"], r["seed"]) != (row["name"], row["seed"])]
-        results["rows"] = sorted(results["rows"] + [row], key=lambda r: (order.index(r["name"]), r["seed"]))
+        results["rows"] = [r for r in results["rows"] if key(r) != key(row)]
+        results["rows"] = sorted(results["rows"] + [row], key=lambda r: (r.get("epochs") or 0, order.index(r["name"]),
+                                                                          r["seed"]))
         with open(path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
         os.replace(path + ".tmp", path)
@@ -129,22 +139,34 @@ def train_command(spec, args, out):
                                                           else [])
 
 
+def snapshot_path(spec, args, k):
+    return os.path.join(args.checkpoints, f"{spec['name']}_seed{spec['seed']}{args.tag}_at{k}.pt")
+
+
 def train(spec, args, out, partial):
     """Step 1; returns the command, or None if training failed."""
     cmd, ckpt = train_command(spec, args, out), os.path.join(out, "model.pt")
     carried = os.path.join(partial, os.path.basename(out))
     if not os.path.exists(ckpt) and os.path.exists(os.path.join(carried, "model.pt")) and not args.quick:
         shutil.copytree(carried, out, dirs_exist_ok=True)
-    done = lambda: [json.loads(line)["epoch"] for line in open(os.path.join(out, "log.jsonl"))][-1:] == [spec["epochs"]]
-    if not (os.path.exists(ckpt) and done()):
-        resume = ["--resume"] if os.path.exists(ckpt) else ["--overwrite"]
-        print(f"{spec['name']} seed {spec['seed']}: training ({' '.join(resume)})", flush=True)
-        with open(os.path.join(out, "commit.txt"), "a") as f:  # the code each (re)start of training ran
-            f.write(commit() + "\n")
-        _, rc = call([sys.executable, *cmd, *resume], os.path.join(out, "train.txt"), args.threads)
-        if rc:
-            print(f"{spec['name']} seed {spec['seed']}: training exited {rc}, see {out}/train.txt", flush=True)
-            return None
+    trained = lambda: os.path.exists(ckpt) and [json.loads(line)["epoch"] for line in
+                                                open(os.path.join(out, "log.jsonl"))][-1:] or [0]
+    for k in [k for k in spec.get("keep", []) if k < spec["epochs"]] + [spec["epochs"]]:
+        if trained()[0] < k:
+            resume = ["--resume"] if os.path.exists(ckpt) else ["--overwrite"]
+            print(f"{spec['name']} seed {spec['seed']}: training to epoch {k} ({' '.join(resume)})", flush=True)
+            with open(os.path.join(out, "commit.txt"), "a") as f:  # the code each (re)start of training ran
+                f.write(commit() + "\n")
+            segment = cmd[:cmd.index("--epochs") + 1] + [str(k)] + cmd[cmd.index("--epochs") + 2:]
+            _, rc = call([sys.executable, *segment, *resume], os.path.join(out, "train.txt"), args.threads)
+            if rc:
+                print(f"{spec['name']} seed {spec['seed']}: training exited {rc}, see {out}/train.txt", flush=True)
+                return None
+        if k < spec["epochs"] and not os.path.exists(snapshot_path(spec, args, k)):
+            if trained()[0] != k:  # carried past k from a session that did not keep it: not recoverable
+                print(f"{spec['name']} seed {spec['seed']}: no classifier of epoch {k} kept", flush=True)
+                continue
+            export(ckpt, snapshot_path(spec, args, k))
     return "python " + " ".join(cmd)
 
 
@@ -180,24 +202,30 @@ def train_and_evaluate(spec, args, landed, partial):
             row["reproduced"].update(landed_acc=landed["acc"], landed_epoch_log=landed["epoch_log"])
     row["checkpoint"] = export(os.path.join(out, "model.pt"),
                                os.path.join(args.checkpoints, f"{name}_seed{seed}{args.tag}.pt"))
+    row["budget_curve"] = [{"epoch": k, "checkpoint": {"path": rel(p), "sha256": sha256(p)}}
+                           for k in spec.get("keep", []) if os.path.exists(p := snapshot_path(spec, args, k))]
+    if not row["budget_curve"]:
+        del row["budget_curve"]
     shutil.rmtree(os.path.join(partial, os.path.basename(out)), ignore_errors=True)  # trained and kept
     print(f"{name} seed {seed}: " + " ".join(f"{k} {100 * v:.1f}" for k, v in row["acc"].items()), flush=True)
     return row
 
 
-def strong_evaluation(spec, row, args):
-    """Step 4: the whole chain on the kept checkpoint, each attack alone: the row's new keys, or None."""
-    name, seed = spec["name"], spec["seed"]
+def strong_evaluation(spec, row, args, at=None):
+    """Step 4 (4b: `at`, the budget curve's entry of that epoch): the whole chain on the kept
+    checkpoint, each attack alone: the row's (the entry's) new keys, or None."""
+    name, seed, checkpoint = spec["name"], spec["seed"], (at or row)["checkpoint"]
     queries = args.square_queries_later if seed > 0 and args.square_queries_later else args.square_queries
-    out = os.path.join(args.out, f"{name}_seed{seed}", "strong.json")
+    out = os.path.join(args.out, f"{name}_seed{seed}", f"strong_at{at['epoch']}.json" if at else "strong.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    print(f"{name} seed {seed}: strong evaluation ({queries} Square queries)", flush=True)
+    when = f" at epoch {at['epoch']}" if at else ""
+    print(f"{name} seed {seed}: strong evaluation{when} ({queries} Square queries)", flush=True)
     flags = [*spec["strong"], "--attack-all", "--n-examples", str(args.n_strong), "--square-queries", str(queries)]
-    got = evaluate(os.path.join(REPO, row["checkpoint"]["path"]), flags + args.strong_extra, out, args)
+    got = evaluate(os.path.join(REPO, checkpoint["path"]), flags + args.strong_extra, out, args)
     if got is None:
         return None
     cmd, seconds, ev = got
-    if ev["checkpoint"]["sha256"] != row["checkpoint"]["sha256"]:
+    if ev["checkpoint"]["sha256"] != checkpoint["sha256"]:
         print(f"{name} seed {seed}: the evaluated file is not the kept checkpoint; not recorded", flush=True)
         return None
     acc = {"n": ev["n_examples"], **accuracies(ev), "any": ev["any_attack"],
@@ -236,7 +264,8 @@ def autoattack_evaluation(spec, row, args):
              "package_version": aa["settings"]["package_version"], "onednn_isa": onednn_isa(args.autoattack_env),
              **args.autoattack_env, "chain_any_again": ours[-1]["accuracy"], "only_autoattack": aa["newly_broken"],
              "only_chain": aa["missed"], "attack_seconds": {a["name"]: a["seconds"] for a in ev["attacks"]}}
-    print(f"{name} seed {seed}: AutoAttack {100 * aa['accuracy']:.1f}, the chain again {100 * ours[-1]['accuracy']:.1f} "
+    print(f"{name} seed {seed}: AutoAttack {100 * aa['accuracy']:.1f}, the chain again "
+          f"{100 * ours[-1]['accuracy']:.1f} "
           f"(landed {100 * strong['any']:.1f}); only AutoAttack breaks {aa['newly_broken']}, only the chain "
           f"{aa['missed']}", flush=True)
     return {"acc_strong": {**strong, "autoattack": aa["accuracy"], "any_with_autoattack": ev["any_attack"]},
@@ -260,7 +289,7 @@ def run_job(spec, args, order, partial):
 
 def job(spec, args, order, partial):
     name, seed = spec["name"], spec["seed"]
-    row = next((r for r in load(args.results)["rows"] if (r["name"], r["seed"]) == (name, seed)), None)
+    row = next((r for r in load(args.results)["rows"] if key(r) == (name, seed, spec["epochs"])), None)
     if row and "checkpoint" in row:
         path = os.path.join(REPO, row["checkpoint"]["path"])
         if not os.path.exists(path) or sha256(path) != row["checkpoint"]["sha256"]:
@@ -278,6 +307,11 @@ def job(spec, args, order, partial):
             return
         row = {**row, **strong}
         save(row, args.results, order)
+    for at in [] if args.no_strong else [at for at in row.get("budget_curve", []) if "acc_strong" not in at]:
+        strong = strong_evaluation(spec, row, args, at)
+        if strong is not None:
+            at.update(strong)
+            save(row, args.results, order)
     if args.autoattack and "acc_strong" in row and "autoattack" not in row["acc_strong"]:
         aa = autoattack_evaluation(spec, row, args)
         if aa is not None:
