@@ -1490,6 +1490,55 @@ def test_calibrated_resume_after_sigkill_restores_both_nets(tmp_path):
     assert_same_run(tmp_path / "straight", tmp_path / "killed")
 
 
+def test_eps_warmup_ramps_the_training_attack_per_batch_in_both_trainers(monkeypatch):
+    """--eps-warmup N: the training attack's eps (and, in the calibrated trainer, its absolute step)
+    times min(1, epochs done / N) at each batch; the same flag in both trainers' shared part."""
+    args = customized.get_args([*FAKE, "--eps-warmup", "2", "--batch-size", "2", "--fixed-eps", "--c", "0"])
+    data = customized.Indexed(torch.utils.data.TensorDataset(torch.rand(8, 1, 28, 28), torch.zeros(8).long()),
+                              range(8))
+    args.workers = 0  # setup()'s
+    seen = [[args.eps_scale for _ in customized.batches(data, e, args, 1, 0)] for e in range(3)]
+    assert seen == [[0.0, 0.125, 0.25, 0.375], [0.5, 0.625, 0.75, 0.875], [1.0] * 4]
+    assert customized.get_args(FAKE).eps_scale == 1.0 and calibrated.get_args(["--dataset", "fake-mnist"]).eps_scale \
+        == 1.0  # off by default: the papers
+    got = []
+    monkeypatch.setattr(attacks, "pgd", lambda model, x, y, eps, alpha, *a, **k: got.append((eps, alpha)) or x)
+    torch.manual_seed(0)
+    model, x, y = models.SmallCNN(), torch.rand(4, 1, 28, 28), torch.arange(4)
+    args.eps_scale, args.num_classes = 0.25, 10
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    amp = torch.amp.GradScaler("cpu", enabled=False)
+    customized.train_step(model, model, model, opt, amp, contextlib.nullcontext, x, y, torch.arange(4),
+                          torch.zeros(8), args)
+    radius = torch.full((4,), 0.25 * args.eps_max)
+    assert torch.equal(got[0][0], radius) and torch.equal(got[0][1], args.alpha * radius)
+    cal = calibrated.get_args(["--dataset", "fake-mnist", "--eps-warmup", "3"])
+    cal.eps_scale = 0.5
+    calibrated.attack(model, x, y, cal)
+    assert got[1] == (0.5 * cal.eps, 0.5 * cal.alpha)
+    with pytest.raises(SystemExit) as e:
+        calibrated.get_args(["--dataset", "fake-mnist", "--eps-warmup", "-1"])
+    assert e.value.code == 2
+
+
+def test_eps_warmup_run_resumes_mid_ramp_and_extends_by_epochs(tmp_path):
+    """AT with a 1.5-epoch warm-up: 1 epoch then --resume --epochs 2 is the straight 2-epoch run (given
+    --milestones), and the ramp changes training from the first batch."""
+    args = [*CUSTOM, "--fixed-eps", "--c", "0", "--loss", "ce", "--steps", "3", "--milestones", "1"]
+    run_cli(*args, "--epochs", "2", "--eps-warmup", "1.5", "--out", str(tmp_path / "straight"))
+    run_cli(*args, "--epochs", "1", "--eps-warmup", "1.5", "--out", str(tmp_path / "split"))
+    run_cli(*args, "--epochs", "2", "--eps-warmup", "1.5", "--out", str(tmp_path / "split"), "--resume")
+    assert_same_run(tmp_path / "straight", tmp_path / "split")
+    run_cli(*args, "--epochs", "1", "--out", str(tmp_path / "full"))
+    assert read_log(tmp_path / "full")[0]["train_loss"] != read_log(tmp_path / "straight")[0]["train_loss"]
+    proc = run_cli(*args, "--epochs", "2", "--out", str(tmp_path / "split"), "--resume", check=False)
+    assert proc.returncode != 0 and "trained with other settings: eps_warmup" in proc.stderr  # not runtime
+    # without --milestones the schedule scales with --epochs: extending would not be the straight run
+    run_cli(*args[:-2], "--epochs", "1", "--out", str(tmp_path / "scaled"))
+    proc = run_cli(*args[:-2], "--epochs", "2", "--out", str(tmp_path / "scaled"), "--resume", check=False)
+    assert proc.returncode != 0 and "trained with other settings: epochs" in proc.stderr
+
+
 def test_seed_determinism_and_seed_matters(tmp_path):
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
         run_cli(*CUSTOM, "--epochs", "1", "--seed", seed, "--out", str(tmp_path / name))

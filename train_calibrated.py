@@ -59,7 +59,8 @@ def attack(model, x, y, args):
         with torch.no_grad():
             p_nat = F.softmax(model(x).float(), 1)
         loss, start = lambda z, t: F.kl_div(F.log_softmax(z.float(), 1), p_nat, reduction="none").sum(1), 0.001
-    x_adv = attacks.pgd(model, x, y, args.eps, args.alpha, args.steps, loss=loss, random_start=start, kappa=args.kappa)
+    x_adv = attacks.pgd(model, x, y, args.eps * args.eps_scale, args.alpha * args.eps_scale, args.steps, loss=loss,
+                        random_start=start, kappa=args.kappa)  # eps_scale < 1: --eps-warmup's first epochs
     return (x_adv - x).detach()
 
 
@@ -123,8 +124,7 @@ def train_step(model, mask_net, f_net, attack_net, g_net, opt_f, opt_g, scaler, 
         opt_g.zero_grad(set_to_none=True)
         scaler.scale(loss_g).backward(inputs=list(mask_net.parameters()))
         scaler.step(opt_g)
-        m = mask.detach().float().flatten()  # M's mean, and its 5 % / 95 % quantiles from one sort (no sync)
-        ranked = m.sort().values
+        ranked = (m := mask.detach().float().flatten()).sort().values  # M's mean, 5 % / 95 % quantiles: no sync
         q05, q95 = (ranked[max(1, round(q * len(m))) - 1] for q in (0.05, 0.95))
         out.update(train_adv_acc=(logits_adv.argmax(1) == y).sum(), train_mask_loss=loss_g.detach() * len(y),
                    train_mask_mean=m.mean() * len(y), train_mask_q05=q05 * len(y), train_mask_q95=q95 * len(y))
@@ -134,8 +134,7 @@ def train_step(model, mask_net, f_net, attack_net, g_net, opt_f, opt_g, scaler, 
 
 def write_masks_png(model, mask_net, test, args, n=8):
     """DIR/masks.png, the paper's Fig. 2: rows x, x', M and x_cali for n test images (eval mode, training attack)."""
-    x, y, _ = next(iter(DataLoader(test, n)))
-    x, y = x.to(args.device), y.to(args.device)
+    x, y = (t.to(args.device) for t in next(iter(DataLoader(test, n)))[:2])
     torch.manual_seed(args.seed)  # the picture is a function of the checkpoint
     model.eval()
     mask_net.eval()
@@ -266,10 +265,12 @@ def parse_args(p, argv):
       "bf16 (CUDA, or a CPU with native bf16), --amp fp16 (CUDA) adds a GradScaler (its attack: attacks.unit_grad)")
     a("--channels-last", action="store_true", help="NHWC memory format (CUDA tensor cores, CPU oneDNN kernels)")
     a("--compile", action="store_true", help="torch.compile the training forward and the attack's")
+    a("--eps-warmup", type=float, default=0, help="epochs over which the training attack's eps (and step) grows "
+      "linearly from 0, per batch; not in the papers (PGD-AT on MNIST at 0.3 can stall at chance without); 0 = off")
     args = p.parse_args(argv)
     sizes = [args.epochs, args.batch_size, args.eval_size, args.train_size or 1, args.test_size or 1]
-    if min(sizes + (args.milestones or [1])) < 1 or min(args.val_size, args.workers or 0) < 0:
-        p.error("need epochs, batch, eval, train, test sizes and milestones >= 1, val-size and workers >= 0")
+    if min(sizes + (args.milestones or [1])) < 1 or min(args.val_size, args.workers or 0, args.eps_warmup) < 0:
+        p.error("need epochs, batch, eval, train, test sizes and milestones >= 1, val-size, workers, eps-warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     cpu = not (args.device == "cuda" or args.device == "auto" and torch.cuda.is_available())
@@ -278,6 +279,7 @@ def parse_args(p, argv):
         p.error(f"--amp {args.amp} needs CUDA" + " or a CPU with native bf16 (AVX512_BF16 or AMX; elsewhere bf16 "
                 "is emulated, ~7x slower than fp32: benchmarks/cpu_speed.py)" * (args.amp == "bf16"))
     args.out = args.out or os.path.join("runs", os.path.basename(sys.argv[0]).removesuffix(".py"))
+    args.eps_scale = 1.0  # the training attack's eps factor: batches() sets it per batch under --eps-warmup
     return args
 
 
@@ -336,6 +338,7 @@ def batches(data, epoch, args, world, rank):
     for i, (x, y, idx) in enumerate(loader):
         x = x.to(args.device, non_blocking=True,
                  memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+        args.eps_scale = min(1.0, (epoch + i / len(loader)) / args.eps_warmup) if args.eps_warmup else 1.0
         yield x, y.to(args.device, non_blocking=True), idx.to(args.device, non_blocking=True)
         if tty:
             rate = (i + 1) * args.batch_size * world / (time.time() - t0)
@@ -351,8 +354,7 @@ def epoch_means(sums, args, world):
     if world > 1:
         dist.all_reduce(t)
     means = dict(zip(sums, t.tolist()))
-    n = means.pop("n")
-    return {k: v / n for k, v in means.items()}
+    return {k: v / means["n"] for k, v in means.items() if k != "n"}
 
 
 def accuracy(model, data, eps, args, n):
@@ -421,9 +423,9 @@ def open_run(args, state):
         sys.exit(f"error: {src} is not a loadable checkpoint: not weights-only data (refused, nothing run)")
     except Exception as e:  # a truncated or foreign file
         sys.exit(f"error: {src} is not a loadable checkpoint ({type(e).__name__})")
-    # may change on --resume (--epochs extends a run, on its own milestones); any other difference is refused
+    # may change on --resume (--epochs: extends a run whose --milestones are given, not scaled); any other is refused
     runtime = {"resume", "overwrite", "device", "workers", "out", "compile", "channels_last", "amp", "eval_size",
-               "epochs"}
+               "eps_scale"} | ({"epochs"} if args.milestones else set())
     diff = sorted(k for k, v in ck.get("args", {}).items() if k not in runtime and getattr(args, k, v) != v)
     if diff:
         sys.exit(f"error: {src} was trained with other settings: {', '.join(diff)}")

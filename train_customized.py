@@ -69,7 +69,7 @@ def train_step(model, net, attack_net, optimizer, scaler, autocast, x, y, idx, e
     """One batch of Algorithm 1: `steps` forward+backward passes for the attack and one for the
     update, as PGD-AT. `net`, `attack_net`: `model` or its wrappers (`wrap`)."""
     eps = torch.full_like(y, args.eps_max, dtype=torch.float) if args.fixed_eps else eps_table[idx]
-    radius = eps if args.fixed_eps else eps + args.eta      # Alg. 1: eps_i <- eps_i + eta
+    radius = (eps if args.fixed_eps else eps + args.eta) * args.eps_scale  # Alg. 1: eps_i <- eps_i + eta
     per_sample = (lambda z, ys: mixed_loss(z, ys, y, args.kappa)) if args.loss == "mix" else soft_ce
     y_soft = adaptive_labels(y, eps, args.c, args.beta, args.num_classes)  # Eq. (4), current eps_i
     model.eval()  # attack the model as it is evaluated (BN running statistics), as TRADES does
@@ -211,10 +211,12 @@ def parse_args(p, argv):
       "bf16 (CUDA, or a CPU with native bf16), --amp fp16 (CUDA) adds a GradScaler (its attack: attacks.unit_grad)")
     a("--channels-last", action="store_true", help="NHWC memory format (CUDA tensor cores, CPU oneDNN kernels)")
     a("--compile", action="store_true", help="torch.compile the training forward and the attack's")
+    a("--eps-warmup", type=float, default=0, help="epochs over which the training attack's eps (and step) grows "
+      "linearly from 0, per batch; not in the papers (PGD-AT on MNIST at 0.3 can stall at chance without); 0 = off")
     args = p.parse_args(argv)
     sizes = [args.epochs, args.batch_size, args.eval_size, args.train_size or 1, args.test_size or 1]
-    if min(sizes + (args.milestones or [1])) < 1 or min(args.val_size, args.workers or 0) < 0:
-        p.error("need epochs, batch, eval, train, test sizes and milestones >= 1, val-size and workers >= 0")
+    if min(sizes + (args.milestones or [1])) < 1 or min(args.val_size, args.workers or 0, args.eps_warmup) < 0:
+        p.error("need epochs, batch, eval, train, test sizes and milestones >= 1, val-size, workers, eps-warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     cpu = not (args.device == "cuda" or args.device == "auto" and torch.cuda.is_available())
@@ -223,6 +225,7 @@ def parse_args(p, argv):
         p.error(f"--amp {args.amp} needs CUDA" + " or a CPU with native bf16 (AVX512_BF16 or AMX; elsewhere bf16 "
                 "is emulated, ~7x slower than fp32: benchmarks/cpu_speed.py)" * (args.amp == "bf16"))
     args.out = args.out or os.path.join("runs", os.path.basename(sys.argv[0]).removesuffix(".py"))
+    args.eps_scale = 1.0  # the training attack's eps factor: batches() sets it per batch under --eps-warmup
     return args
 
 
@@ -281,6 +284,7 @@ def batches(data, epoch, args, world, rank):
     for i, (x, y, idx) in enumerate(loader):
         x = x.to(args.device, non_blocking=True,
                  memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+        args.eps_scale = min(1.0, (epoch + i / len(loader)) / args.eps_warmup) if args.eps_warmup else 1.0
         yield x, y.to(args.device, non_blocking=True), idx.to(args.device, non_blocking=True)
         if tty:
             rate = (i + 1) * args.batch_size * world / (time.time() - t0)
@@ -296,8 +300,7 @@ def epoch_means(sums, args, world):
     if world > 1:
         dist.all_reduce(t)
     means = dict(zip(sums, t.tolist()))
-    n = means.pop("n")
-    return {k: v / n for k, v in means.items()}
+    return {k: v / means["n"] for k, v in means.items() if k != "n"}
 
 
 def accuracy(model, data, eps, args, n):
@@ -366,9 +369,9 @@ def open_run(args, state):
         sys.exit(f"error: {src} is not a loadable checkpoint: not weights-only data (refused, nothing run)")
     except Exception as e:  # a truncated or foreign file
         sys.exit(f"error: {src} is not a loadable checkpoint ({type(e).__name__})")
-    # may change on --resume (--epochs extends a run, on its own milestones); any other difference is refused
+    # may change on --resume (--epochs: extends a run whose --milestones are given, not scaled); any other is refused
     runtime = {"resume", "overwrite", "device", "workers", "out", "compile", "channels_last", "amp", "eval_size",
-               "epochs"}
+               "eps_scale"} | ({"epochs"} if args.milestones else set())
     diff = sorted(k for k, v in ck.get("args", {}).items() if k not in runtime and getattr(args, k, v) != v)
     if diff:
         sys.exit(f"error: {src} was trained with other settings: {', '.join(diff)}")
