@@ -302,18 +302,18 @@ def check_threat_model(spec, x, x_adv, tol=1e-6):
 def run_attack(spec, source, model, data, points, args):
     """survives() for each example index in `points`, in batches; progress lines with images/s."""
     torch.manual_seed(args.seed)  # an attack's random starts do not depend on the attacks before it
-    out, t0, last = [torch.zeros(0, dtype=torch.bool)], time.time(), time.time()
+    out, t0, last, shown = [torch.zeros(0, dtype=torch.bool)], time.time(), time.time(), None
     progress = lambda: print(f"{spec['name']:>10}: {sum(map(len, out))}/{len(points)} points, "
                              f"{sum(map(len, out)) / max(time.time() - t0, 1e-9):.1f} images/s",
-                             file=sys.stderr, flush=True)
+                             file=sys.stderr, flush=True) or sum(map(len, out))
     loader = DataLoader(Subset(data, points.tolist()), args.batch_size, num_workers=args.workers,
                         pin_memory=args.device == "cuda")
     for b, (x, y) in enumerate(loader):
         out.append(survives(spec, source, model, x.to(args.device), y.to(args.device), args.seed + b).cpu())
         if time.time() - last > 30:  # a long attack is not silent
-            progress()
-            last = time.time()
-    progress()
+            shown, last = progress(), time.time()
+    if shown != len(points):  # the last line, once
+        progress()
     return torch.cat(out), time.time() - t0
 
 

@@ -1339,6 +1339,18 @@ def eval_toy10():
     return prototype_toy(10, 16)
 
 
+def test_eval_progress_line_once_per_update(monkeypatch, capsys):
+    """A batch over 30 s prints a progress line; the closing line is not printed twice."""
+    clock = iter(range(0, 10_000, 40))
+    monkeypatch.setattr(evaluate.time, "time", lambda: next(clock))
+    data = torch.utils.data.TensorDataset(torch.rand(4, 1, 28, 28), torch.zeros(4).long())
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    evaluate.run_attack({"name": "natural", "kind": "natural"}, model, model, data, torch.arange(4),
+                        eval_args("--batch-size", "2"))
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in err] == ["   natural: 2/4 points", "   natural: 4/4 points"]
+
+
 def test_eval_autoattack_alone_in_both_modes_and_its_agreement_with_the_chain(monkeypatch):
     """AutoAttack attacks every naturally correct point even after a chain that runs on survivors
     (its column is its own number), and counts the points only it breaks and those only the chain
