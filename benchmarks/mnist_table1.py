@@ -50,7 +50,10 @@ with --resume, the same run) and gives each the strong evaluation: the budget cu
 
 AT(0.3) stalls at chance at seeds 1 and 2 of the 3-epoch rows (train loss ln 10 throughout);
 --at-warmup N gives the AT rows alone the trainers' --eps-warmup N (the training attack's eps ramps
-from 0 over N epochs), N chosen on training data only; the rows record it in their command.
+from 0 over N epochs); the rows record it in their command. With --epochs 40 it defaults to 1,
+chosen on training data only: the first two epochs of the 40-epoch AT(0.3) command at seeds 1 and 2
+leave ln 10 with it (train loss 0.45 in the ramp's epoch, 0.33 and 0.29 in the next, at full eps)
+and stay at ln 10 without it (seed 1: 2.302; benchmarks/results/at_warmup_probe.json).
 
 --autoattack adds AutoAttack standard on the strong evaluation's 1,000 images (eps 0.3; runner.py,
 step 5) to each row that lacks it, in fp32 with channels-last and the kernels of ISA_FAST (no pin is
@@ -255,13 +258,16 @@ def main():
     p.add_argument("--budget-curve", type=int, nargs="*", help="seed 0: keep the classifier at these epochs too "
                    "and give each the strong evaluation (default with --epochs 40: 10 20 30)")
     p.add_argument("--at-warmup", type=float, help="the AT rows alone train with --eps-warmup N (PGD-AT at 0.3 "
-                   "stalls at chance at 2 of 3 seeds without; N chosen on training data, benchmarks/README.md)")
+                   "stalls at chance at 2 of 3 seeds without; default with --epochs 40: 1, chosen on training data, "
+                   "benchmarks/README.md; 3 epochs: none, as the landed rows)")
     p.set_defaults(jobs=2)  # one thread each, as the landed rows ran
     args = p.parse_args()
     unset = lambda k, full, quick: setattr(args, k, getattr(args, k) or (quick if args.quick else full))
     for k, full, quick in (("epochs", 3, 1), ("train_size", None, 200), ("n_test", None, 100),
                            ("n_strong", 1000, 50), ("square_queries", 5000, 20)):
         unset(k, full, quick)
+    if args.at_warmup is None and args.epochs == 40:
+        args.at_warmup = 1.0
     if args.budget_curve is None:
         args.budget_curve = [10, 20, 30] if args.epochs == 40 else []
     if args.epochs != 3 and not (args.fast or args.quick):  # so that one (row, seed, epochs) names one model
