@@ -69,11 +69,10 @@ def calibrate(x, delta, mask):
     return (x + mask * delta).clamp(0, 1)
 
 
-# KL convention. The paper writes KL(P(Y|X'_cali) || P(Y|X)) in Eq. (13) and
-# KL(P(Y|X'_cali) || P(Y|X')) in Eq. (14). Like the authors' release and TRADES we compute
-# F.kl_div(log P(.|x_cali), P(.|ref), "batchmean") = KL(P(.|ref) || P(.|x_cali)), reference first:
-# the release's numbers are the paper's, and only this order makes --no-mask --no-weighted-ce
-# --attack kl the TRADES loss. Read literally, the paper's notation is the reverse KL.
+# KL convention. The paper writes KL(P(Y|X'_cali) || P(Y|X)) in Eq. (13) and KL(P(Y|X'_cali) || P(Y|X')) in Eq. (14).
+# Like the authors' release and TRADES we compute F.kl_div(log P(.|x_cali), P(.|ref), "batchmean"), that is
+# KL(P(.|ref) || P(.|x_cali)), reference first: the release's numbers are the paper's, and only this order makes
+# --no-mask --no-weighted-ce --attack kl the TRADES loss. Read literally, the paper's notation is the reverse KL.
 def kl(logits_cali, logits_ref):
     return F.kl_div(F.log_softmax(logits_cali, 1), F.softmax(logits_ref, 1), reduction="batchmean")
 
@@ -93,10 +92,9 @@ def mask_loss(logits_cali, logits_adv, y, beta1):
 
 
 def train_step(model, mask_net, f_net, attack_net, g_net, opt_f, opt_g, scaler, autocast, x, y, args):
-    """One batch of Sec. 4.4: attack -> step f on Eq. (13) -> step g_phi on Eq. (14) against the
-    updated f. `f_net`, `attack_net`, `g_net`: model and mask_net, or their wrappers (`wrap`).
-    Passes (K = --steps): f K+4 forwards, K+3 backwards; g 1 and 1 (one forward serves both steps);
-    TRADES (--no-mask --no-weighted-ce --attack kl): f K+3 and K+2."""
+    """One batch of Sec. 4.4: attack -> step f on Eq. (13) -> step g_phi on Eq. (14) against the updated f.
+    `f_net`, `attack_net`, `g_net`: model and mask_net, or their wrappers (`wrap`). Passes (K = --steps):
+    f K+4 forwards, K+3 backwards; g 1 and 1 (one forward serves both steps); TRADES: f K+3 and K+2."""
     model.eval()  # attack f as it is evaluated (BN running statistics), as TRADES does
     with autocast():
         delta = attack(attack_net, x, y, args)                             # Eq. (9)
@@ -340,10 +338,9 @@ def batches(data, epoch, args, world, rank):
                  memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
         args.eps_scale = min(1.0, (epoch + i / len(loader)) / args.eps_warmup) if args.eps_warmup else 1.0
         yield x, y.to(args.device, non_blocking=True), idx.to(args.device, non_blocking=True)
-        if tty:
-            rate = (i + 1) * args.batch_size * world / (time.time() - t0)
-            print(f"\repoch {epoch + 1}: batch {i + 1}/{len(loader)}, {rate:.0f} images/s, "
-                  f"{(len(loader) - i - 1) * args.batch_size * world / rate:.0f} s left ", end="", file=sys.stderr)
+        if tty:  # images/s is in the epoch's log line
+            left = (time.time() - t0) / (i + 1) * (len(loader) - i - 1)
+            print(f"\repoch {epoch + 1}: batch {i + 1}/{len(loader)}, {left:.0f} s left ", end="", file=sys.stderr)
     if tty:
         print("\r\033[K", end="", file=sys.stderr)  # clear the progress line
 
@@ -390,10 +387,9 @@ def end_epoch(rec, model, data, state, best, eval_eps, args):
     names = ["model.pt"]
     if len(val) and (best is None or [rec["val_pgd_acc"], rec["val_clean_acc"]] > best):
         best, names = [rec["val_pgd_acc"], rec["val_clean_acc"]], ["best.pt", "model.pt"]
-    ck = {"arch": args.arch, "num_classes": args.num_classes, "in_channels": args.in_channels,
-          "image_size": args.image_size, "dataset": args.dataset, "method": METHOD, "args": vars(args),
-          "epoch": rec["epoch"], "best": best,
-          **{k: v.cpu() if torch.is_tensor(v) else v.state_dict() for k, v in state.items()}}
+    ck = {"arch": args.arch, "num_classes": args.num_classes, "in_channels": args.in_channels, "best": best,
+          "image_size": args.image_size, "dataset": args.dataset, "method": METHOD, "epoch": rec["epoch"],
+          "args": vars(args), **{k: v.cpu() if torch.is_tensor(v) else v.state_dict() for k, v in state.items()}}
     for name in names:  # atomic: a temporary file in the same directory, fsync, rename over the old one
         with open(tmp := os.path.join(args.out, f"{name}.tmp{os.getpid()}"), "wb") as f:
             torch.save(ck, f)
@@ -419,10 +415,9 @@ def open_run(args, state):
     try:  # weights_only: a checkpoint is data; a pickle that would run code is refused
         with warnings.catch_warnings(action="ignore"):  # torch's pickle-protocol warning would break the line
             ck = torch.load(src, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        sys.exit(f"error: {src} is not a loadable checkpoint: not weights-only data (refused, nothing run)")
-    except Exception as e:  # a truncated or foreign file
-        sys.exit(f"error: {src} is not a loadable checkpoint ({type(e).__name__})")
+    except Exception as e:  # a pickle that would run code, or a truncated or foreign file
+        why = "not weights-only data, refused" if isinstance(e, pickle.UnpicklingError) else type(e).__name__
+        sys.exit(f"error: {src} is not a loadable checkpoint: {why}")
     # may change on --resume (--epochs: extends a run whose --milestones are given, not scaled); any other is refused
     runtime = {"resume", "overwrite", "device", "workers", "out", "compile", "channels_last", "amp", "eval_size",
                "eps_scale"} | ({"epochs"} if args.milestones else set())

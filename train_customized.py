@@ -80,9 +80,8 @@ def train_step(model, net, attack_net, optimizer, scaler, autocast, x, y, idx, e
     with autocast():
         logits = net(x_adv).float()
     new_eps = eps
-    if not args.fixed_eps:  # Alg. 1: f(x_i + delta_i) != y_i -> eps_i <- 0; then cap at eps_max.
-        # The test reads this training forward's logits (train mode: BN batch statistics), not a
-        # pass in the eval mode the attack ran in: one pass fewer, the paper's "negligible overhead".
+    if not args.fixed_eps:  # Alg. 1: f(x_i + delta_i) != y_i -> eps_i <- 0; then cap at eps_max. The test reads
+        # this training forward's logits (train mode), not one more pass: the paper's "negligible overhead".
         new_eps = update_epsilons(eps, logits.argmax(1) != y, args.eta, args.eps_max)
         eps_table[all_gather(idx)] = all_gather(new_eps)  # every rank holds the whole table
     # Alg. 1 recomputes y~ with the updated eps_i (its line prints (1 - c eps_i) before the
@@ -142,10 +141,8 @@ def get_args(argv=None):
     a("--batch-size", type=int, default=128, help="batch size per process (128, as Madry et al. and TRADES)")
     a("--arch", default="wrn34_10", choices=ARCHS, help="classifier (Table 4: WRN-34-10; Table 3: VGG-16)")
     args = parse_args(p, argv)
-    if args.eta < 0 or args.eps_max <= 0 or args.beta <= 0 or args.c < 0 or args.steps < 1:
-        p.error("need eta >= 0, eps-max > 0, beta > 0, c >= 0, steps >= 1")
-    if args.c * args.eps_max > 1:
-        p.error(f"c * eps-max = {args.c * args.eps_max:.3g} > 1: Eq. (4)'s label would have negative mass")
+    if args.eta < 0 or args.eps_max <= 0 or args.beta <= 0 or not 0 <= args.c * args.eps_max <= 1 or args.steps < 1:
+        p.error(f"need eta >= 0, eps-max > 0, beta > 0, steps >= 1, 0 <= c * eps-max <= 1 (Eq. 4): {args.c * args.eps_max:.3g}")
     args.lr = (0.01 if args.arch == "vgg16" else 0.1) if args.lr is None else args.lr
     return args
 
@@ -286,10 +283,9 @@ def batches(data, epoch, args, world, rank):
                  memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
         args.eps_scale = min(1.0, (epoch + i / len(loader)) / args.eps_warmup) if args.eps_warmup else 1.0
         yield x, y.to(args.device, non_blocking=True), idx.to(args.device, non_blocking=True)
-        if tty:
-            rate = (i + 1) * args.batch_size * world / (time.time() - t0)
-            print(f"\repoch {epoch + 1}: batch {i + 1}/{len(loader)}, {rate:.0f} images/s, "
-                  f"{(len(loader) - i - 1) * args.batch_size * world / rate:.0f} s left ", end="", file=sys.stderr)
+        if tty:  # images/s is in the epoch's log line
+            left = (time.time() - t0) / (i + 1) * (len(loader) - i - 1)
+            print(f"\repoch {epoch + 1}: batch {i + 1}/{len(loader)}, {left:.0f} s left ", end="", file=sys.stderr)
     if tty:
         print("\r\033[K", end="", file=sys.stderr)  # clear the progress line
 
@@ -336,10 +332,9 @@ def end_epoch(rec, model, data, state, best, eval_eps, args):
     names = ["model.pt"]
     if len(val) and (best is None or [rec["val_pgd_acc"], rec["val_clean_acc"]] > best):
         best, names = [rec["val_pgd_acc"], rec["val_clean_acc"]], ["best.pt", "model.pt"]
-    ck = {"arch": args.arch, "num_classes": args.num_classes, "in_channels": args.in_channels,
-          "image_size": args.image_size, "dataset": args.dataset, "method": METHOD, "args": vars(args),
-          "epoch": rec["epoch"], "best": best,
-          **{k: v.cpu() if torch.is_tensor(v) else v.state_dict() for k, v in state.items()}}
+    ck = {"arch": args.arch, "num_classes": args.num_classes, "in_channels": args.in_channels, "best": best,
+          "image_size": args.image_size, "dataset": args.dataset, "method": METHOD, "epoch": rec["epoch"],
+          "args": vars(args), **{k: v.cpu() if torch.is_tensor(v) else v.state_dict() for k, v in state.items()}}
     for name in names:  # atomic: a temporary file in the same directory, fsync, rename over the old one
         with open(tmp := os.path.join(args.out, f"{name}.tmp{os.getpid()}"), "wb") as f:
             torch.save(ck, f)
@@ -365,10 +360,9 @@ def open_run(args, state):
     try:  # weights_only: a checkpoint is data; a pickle that would run code is refused
         with warnings.catch_warnings(action="ignore"):  # torch's pickle-protocol warning would break the line
             ck = torch.load(src, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        sys.exit(f"error: {src} is not a loadable checkpoint: not weights-only data (refused, nothing run)")
-    except Exception as e:  # a truncated or foreign file
-        sys.exit(f"error: {src} is not a loadable checkpoint ({type(e).__name__})")
+    except Exception as e:  # a pickle that would run code, or a truncated or foreign file
+        why = "not weights-only data, refused" if isinstance(e, pickle.UnpicklingError) else type(e).__name__
+        sys.exit(f"error: {src} is not a loadable checkpoint: {why}")
     # may change on --resume (--epochs: extends a run whose --milestones are given, not scaled); any other is refused
     runtime = {"resume", "overwrite", "device", "workers", "out", "compile", "channels_last", "amp", "eval_size",
                "eps_scale"} | ({"epochs"} if args.milestones else set())
