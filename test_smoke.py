@@ -1827,6 +1827,17 @@ def test_mnist_table1_keeps_models_reproduces_landed_rows_and_skips_finished_wor
         before = res.read_text()
         again = table1("--seeds", "0", "--autoattack").stdout
         assert "AutoAttack standard after" not in again and res.read_text() == before
+        # A row without step 4 gets steps 4 and 5 in one run: step 4's numbers, AutoAttack after the chain
+        res.write_text(json.dumps({"rows": [{k: v for k, v in row_aa.items()
+                                             if k not in ("acc_strong", "flags", "strong", "autoattack")}]}))
+        out = table1("--seeds", "0", "--autoattack").stdout
+        (one,) = rows()
+        s1, e1 = one["acc_strong"], one["autoattack"]
+        assert "training" not in out and "AutoAttack standard after" not in out and e1["with_step_4"]
+        assert {k: s1[k] for k in strong} == strong and one["flags"] == row["flags"]
+        assert round(n * (s1["any"] - s1["autoattack"])) == e1["only_autoattack"] - e1["only_chain"]
+        assert round(n * (s1["any"] - s1["any_with_autoattack"])) == e1["only_autoattack"]
+        assert one["strong"]["command"] == e1["command"] and "--autoattack" in e1["command"]
     # A landed row (no kept model) is retrained by its command. The same log: its landed numbers
     # stand (a marker shows they were not re-evaluated); a different log: re-evaluated, both kept.
     landed = {k: v for k, v in row.items() if k not in ("checkpoint", "acc_strong", "flags", "strong")}

@@ -58,7 +58,8 @@ and stay at ln 10 without it (seed 1: 2.302; benchmarks/results/at_warmup_probe.
 --autoattack adds AutoAttack standard on the strong evaluation's 1,000 images (eps 0.3; runner.py,
 step 5) to each row that lacks it, in fp32 with channels-last and the kernels of ISA_FAST (no pin is
 needed to reproduce an evaluation): acc_strong's "autoattack", and in "autoattack" the images only
-it breaks and only our chain breaks.
+it breaks and only our chain breaks. A row that has no strong evaluation yet (a new 40-epoch row)
+gets both in one evaluate.py run, AutoAttack last and alone, with the strong evaluation's kernels.
 """
 import argparse
 import importlib.util

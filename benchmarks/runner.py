@@ -20,7 +20,9 @@ file (a row of another budget is another entry):
   4b. the same strong evaluation of each kept snapshot, into row["budget_curve"];
   5. with --autoattack: AutoAttack standard on the same images, with the chain of step 4 again (on
      its survivors, the cheap way to its per-sample "any"): AutoAttack's robust accuracy, and how many
-     points only it breaks and only the chain breaks.
+     points only it breaks and only the chain breaks. A row that still lacks step 4 gets steps 4 and
+     5 in one evaluate.py run (AutoAttack after the chain, each alone): the same numbers, without
+     the chain's second run.
 
 The results file is written as each step lands, under a file lock (jobs run in threads, and two
 invocations may share the file), so a session can end at any time.
@@ -213,29 +215,45 @@ def train_and_evaluate(spec, args, landed, partial):
 
 def strong_evaluation(spec, row, args, at=None):
     """Step 4 (4b: `at`, the budget curve's entry of that epoch): the whole chain on the kept
-    checkpoint, each attack alone: the row's (the entry's) new keys, or None."""
+    checkpoint, each attack alone: the row's (the entry's) new keys, or None. With --autoattack
+    (not 4b) AutoAttack runs last, alone too, and this is also step 5."""
     name, seed, checkpoint = spec["name"], spec["seed"], (at or row)["checkpoint"]
+    with_aa = args.autoattack and at is None
     queries = args.square_queries_later if seed > 0 and args.square_queries_later else args.square_queries
     out = os.path.join(args.out, f"{name}_seed{seed}", f"strong_at{at['epoch']}.json" if at else "strong.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     when = f" at epoch {at['epoch']}" if at else ""
     print(f"{name} seed {seed}: strong evaluation{when} ({queries} Square queries)", flush=True)
     flags = [*spec["strong"], "--attack-all", "--n-examples", str(args.n_strong), "--square-queries", str(queries)]
-    got = evaluate(os.path.join(REPO, checkpoint["path"]), flags + args.strong_extra, out, args)
+    got = evaluate(os.path.join(REPO, checkpoint["path"]), flags + ["--autoattack"] * with_aa + args.strong_extra,
+                   out, args)
     if got is None:
         return None
     cmd, seconds, ev = got
     if ev["checkpoint"]["sha256"] != checkpoint["sha256"]:
         print(f"{name} seed {seed}: the evaluated file is not the kept checkpoint; not recorded", flush=True)
         return None
-    acc = {"n": ev["n_examples"], **accuracies(ev), "any": ev["any_attack"],
+    n, aa = ev["n_examples"], ev["attacks"][-1] if with_aa else None
+    acc = {"n": n, **{k: v for k, v in accuracies(ev).items() if k != "autoattack"},
+           # the chain's worst case: the union of all drops only the points AutoAttack alone breaks
+           "any": (torch.tensor(round(n * ev["any_attack"]) + aa["newly_broken"], dtype=torch.float32) / n).item()
+           if aa else ev["any_attack"],  # float32, as evaluate.py's mean
            "sanity_eps0.5": ev["sanity"]["accuracy"] if ev["sanity"] else None}
     print(f"{name} seed {seed}: strong " + " ".join(f"{k} {100 * v:.1f}" for k, v in acc.items()
                                                      if k != "n" and v is not None), flush=True)
-    return {"acc_strong": acc, "flags": [k for k, f in ev["flags"].items() if f["raised"]],
-            "strong": {"command": cmd, "commit": commit(), "seconds": seconds, "square_queries": queries,
-                       "flag_details": {k: f["detail"] for k, f in ev["flags"].items()},
-                       "attack_seconds": {a["name"]: a["seconds"] for a in ev["attacks"]}}}
+    new = {"acc_strong": acc, "flags": [k for k, f in ev["flags"].items() if f["raised"]],
+           "strong": {"command": cmd, "commit": commit(), "seconds": seconds, "square_queries": queries,
+                      "flag_details": {k: f["detail"] for k, f in ev["flags"].items()},
+                      "attack_seconds": {a["name"]: a["seconds"] for a in ev["attacks"]}}}
+    if aa:
+        print(f"{name} seed {seed}: AutoAttack {100 * aa['accuracy']:.1f} (the chain {100 * acc['any']:.1f}); "
+              f"only AutoAttack breaks {aa['newly_broken']}, only the chain {aa['missed']}", flush=True)
+        acc.update(autoattack=aa["accuracy"], any_with_autoattack=ev["any_attack"])
+        new["autoattack"] = {"command": cmd, "commit": new["strong"]["commit"], "seconds": aa["seconds"],
+                             "with_step_4": True, "package": aa["settings"]["package"],
+                             "package_version": aa["settings"]["package_version"], "onednn_isa": onednn_isa(),
+                             "only_autoattack": aa["newly_broken"], "only_chain": aa["missed"]}
+    return new
 
 
 def autoattack_evaluation(spec, row, args):
