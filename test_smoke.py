@@ -1873,6 +1873,8 @@ def test_mnist_table1_budget_curve_trains_in_segments_the_same_run(tmp_path):
     (row,) = json.loads(res.read_text())["rows"]
     (at,) = row["budget_curve"]
     assert at["epoch"] == 1 and at["acc_strong"]["n"] == 10 and "acc_strong" in row and row["epochs"] == 2
+    assert [m["from_epoch"] for m in row["training_machines"]] == [0, 1]  # each segment: where it ran
+    assert all(m["onednn_isa"] and m["ONEDNN_MAX_CPU_ISA"] == "AVX2" for m in row["training_machines"])
     cmd = row["command"].split()[1:]
     for epochs in (1, 2):  # the same command straight, with the row's kernels
         ref = str(tmp_path / f"straight{epochs}")

@@ -5,7 +5,7 @@ file (a row of another budget is another entry):
 
   1. train (or --resume) the row's command in OUT/ROW_seedS/; a half-trained row carried from an
      earlier session in benchmarks/results/<table>_partial/ROW_seedS/ (model.pt, log.jsonl,
-     commit.txt) continues from there. With spec["keep"] (the budget curve) it trains in segments,
+     commit.txt, machines.jsonl) continues from there. With spec["keep"] (the budget curve) it trains in segments,
      --epochs k then --resume --epochs of the next k (the same run bit for bit: the trainers seed
      each epoch and keep their milestones), and keeps the classifier at each k as
      ROW_seedS{tag}_at{k}.pt;
@@ -159,6 +159,8 @@ def train(spec, args, out, partial):
             print(f"{spec['name']} seed {spec['seed']}: training to epoch {k} ({' '.join(resume)})", flush=True)
             with open(os.path.join(out, "commit.txt"), "a") as f:  # the code each (re)start of training ran
                 f.write(commit() + "\n")
+            with open(os.path.join(out, "machines.jsonl"), "a") as f:  # and where: a row can span sessions
+                f.write(json.dumps({"from_epoch": trained()[0], **machine(args)}) + "\n")
             segment = cmd[:cmd.index("--epochs") + 1] + [str(k)] + cmd[cmd.index("--epochs") + 2:]
             _, rc = call([sys.executable, *segment, *resume], os.path.join(out, "train.txt"), args.threads)
             if rc:
@@ -186,6 +188,8 @@ def train_and_evaluate(spec, args, landed, partial):
            "seconds": sum(r["seconds"] for r in log), "machine": machine(args), "epoch_log": log}
     if "train_mask_mean" in log[0]:
         row["mask_mean_per_epoch"] = [r["train_mask_mean"] for r in log]
+    if os.path.exists(where := os.path.join(out, "machines.jsonl")):  # each (re)start: its first epoch, its CPU
+        row["training_machines"] = [json.loads(line) for line in open(where)]
     if landed:  # trained before models were kept: the same command again
         row["reproduced"] = {"log_equal": UNTIMED(log) == UNTIMED(landed["epoch_log"]),
                              "landed_commit": landed["commit"], "landed_seconds": landed["seconds"]}
