@@ -86,23 +86,32 @@ CLAIMS = [("calibrated_cw(0.3)", "TRADES(0.3)"), ("calibrated_cw(0.3)", "AT(0.3)
           ("calibrated_cw(0.4)", "calibrated_cw(0.3)"), ("calibrated_cent(0.4)", "calibrated_cent(0.3)")]
 
 
+# The customized paper's eta / eps_max (Sec. 5: 0.005 at 8/255, ~0.16): eps_i reaches eps_max after ~7 unfooled visits.
+ETA_RATIO = 0.005 / (8 / 255)
+
+
 def row_flags(name, epochs):
     """(script, flags) of a row: the method's flags on top of the settings every row shares."""
     method, eps = name[:-5], float(name[-4:-1])
     decay = str(max(1, round(0.75 * epochs)))
+    # customized: c * eps_max as at 8/255; eta at the paper's ratio, or eps / E where a run is too short for that
+    # ratio to reach eps_max (3 epochs: 0.1). eps / E at 40 epochs (0.0075) would train at a fraction of eps_max.
+    c, eta = f"{10 * 8 / 255 / eps:.4g}", f"{max(eps / epochs, ETA_RATIO * eps):.4g}"
     sgd_script = ["--arch", "smallcnn", "--optimizer", "adam", "--lr", "1e-3", "--wd", "0", "--batch-size", "100",
                   "--milestones", decay, "--steps", "20", "--alpha", "0.05", "--eps-max", str(eps)]
     calibrated = ["--eps", str(eps), "--milestones", decay]  # the preset does the rest (checked by --help)
     return {"AT": ("train_customized.py", [*sgd_script, "--fixed-eps", "--c", "0", "--loss", "ce"]),
-            "customized": ("train_customized.py", [*sgd_script, "--c", f"{10 * 8 / 255 / eps:.4g}",
-                                                   "--eta", f"{eps / epochs:.4g}"]),
+            "customized": ("train_customized.py", [*sgd_script, "--c", c, "--eta", eta]),
+            # Table 6 of the customized paper: label smoothing at eps_max alone, adaptive eps alone (CE loss)
+            "Adv+LS": ("train_customized.py", [*sgd_script, "--fixed-eps", "--c", c, "--loss", "ce"]),
+            "Adp-Adv": ("train_customized.py", [*sgd_script, "--c", "0", "--eta", eta, "--loss", "ce"]),
             "TRADES": ("train_calibrated.py", [*calibrated, "--no-mask", "--no-weighted-ce", "--attack", "kl"]),
             "calibrated_cent": ("train_calibrated.py", [*calibrated, "--attack", "pgd"]),
             "calibrated_cw": ("train_calibrated.py", [*calibrated, "--attack", "cw"])}[method]
 
 
-ROWS = ["calibrated_cw(0.3)", "calibrated_cent(0.3)", "TRADES(0.3)", "AT(0.3)", "customized(0.3)",
-        "calibrated_cw(0.4)", "calibrated_cent(0.4)", "TRADES(0.4)", "AT(0.4)"]
+ROWS = ["calibrated_cw(0.3)", "calibrated_cent(0.3)", "TRADES(0.3)", "AT(0.3)", "customized(0.3)", "Adv+LS(0.3)",
+        "Adp-Adv(0.3)", "calibrated_cw(0.4)", "calibrated_cent(0.4)", "TRADES(0.4)", "AT(0.4)"]
 EVAL = ["--protocol", "calibrated", "--attacks", "pgd20,pgd100,cw", "--attack-all", "--eps", "0.3"]
 STRONG = ["--protocol", "calibrated", "--eps", "0.3"]  # every attack of the chain, each alone; the sanity check
 # The CPU kernels of every row (oneDNN, ATen, MKL pick theirs by the CPU's ISA): the landed rows' machine had AVX2.
@@ -113,6 +122,12 @@ ISA = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_
 ISA_FAST = {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX",
             "MKL_ENABLE_INSTRUCTIONS": "AVX512"}
 RESULTS_FAST = os.path.join(R.REPO, "benchmarks", "results", "mnist_table1_bf16.json")
+# A CPU without AVX-512 runs the fast path with its own best kernels (AVX2; AVX-512 pins are illegal there), and
+# without native bf16 it trains in fp32 (emulated bf16 is ~7x slower; train_*.py refuses it). Each training
+# segment records its precision and kernels (the row's training_machines): a row can span machines.
+AVX512 = R.torch.cpu._is_avx512_supported()
+NATIVE_BF16 = R.torch.cpu._is_avx512_bf16_supported() and R.torch.ops.mkldnn._is_mkldnn_bf16_supported()
+FAST_ENV = ISA_FAST if AVX512 else ISA
 
 
 def table(rows):
@@ -238,11 +253,12 @@ def report(rows):
 
 def spec(name, seed, args):
     script, flags = row_flags(name, args.epochs)
-    flags += ["--eps-warmup", f"{args.at_warmup:g}"] if args.at_warmup and name.startswith("AT(") else []
+    flags += ["--eps-warmup", f"{args.at_warmup:g}"] if args.at_warmup and "--fixed-eps" in flags else []
     flags += ["--dataset", "mnist", "--data-dir", R.rel(args.data_dir), "--eval-size", "200"]
     fast = ["--channels-last"] if args.fast else []  # evaluation: fp32 always
-    return dict(name=name, seed=seed, script=script, epochs=args.epochs, flags=flags + ["--amp", "bf16"] * args.fast
-                + fast, eval=EVAL + fast, strong=STRONG + fast, keep=args.budget_curve if seed == 0 else [])
+    bf16 = ["--amp", "bf16"] if args.fast and (NATIVE_BF16 or args.device == "cuda") else []
+    return dict(name=name, seed=seed, script=script, epochs=args.epochs, flags=flags + bf16 + fast, eval=EVAL + fast,
+                strong=STRONG + fast, keep=args.budget_curve if seed == 0 else [])
 
 
 def main():
@@ -258,9 +274,9 @@ def main():
                    "AMX kernels (ISA_FAST); evaluate in fp32; results in mnist_table1_bf16.json")
     p.add_argument("--budget-curve", type=int, nargs="*", help="seed 0: keep the classifier at these epochs too "
                    "and give each the strong evaluation (default with --epochs 40: 10 20 30)")
-    p.add_argument("--at-warmup", type=float, help="the AT rows alone train with --eps-warmup N (PGD-AT at 0.3 "
-                   "stalls at chance at 2 of 3 seeds without; default with --epochs 40: 1, chosen on training data, "
-                   "benchmarks/README.md; 3 epochs: none, as the landed rows)")
+    p.add_argument("--at-warmup", type=float, help="the fixed-eps rows alone (AT, Adv+LS) train with --eps-warmup N "
+                   "(PGD-AT at 0.3 stalls at chance at 2 of 3 seeds without; default with --epochs 40: 1, chosen on "
+                   "training data, benchmarks/README.md; 3 epochs: none, as the landed rows)")
     p.set_defaults(jobs=2)  # one thread each, as the landed rows ran
     args = p.parse_args()
     unset = lambda k, full, quick: setattr(args, k, getattr(args, k) or (quick if args.quick else full))
@@ -275,17 +291,19 @@ def main():
         sys.exit(f"error: --epochs {args.epochs}: budgets other than the landed 3 epochs train on the fast path; "
                  "add --fast")
     args.strong_extra, args.threads = ["--steps", "5"] if args.quick else [], 1
-    args.autoattack_env = ISA_FAST if args.device == "cpu" else {}  # step 5 is fp32: the fastest fp32 kernels
+    args.autoattack_env = FAST_ENV if args.device == "cpu" else {}  # step 5 is fp32: the fastest fp32 kernels
     if args.autoattack and not any(map(importlib.util.find_spec, ("pyautoattack", "autoattack"))):
         sys.exit("error: --autoattack: AutoAttack is not installed: pip install pyautoattack")
     three = args.epochs == 3 or args.quick  # 3 epochs: the landed fp32 rows, or the --fast ones apart
+    if args.fast and three and not args.quick and not NATIVE_BF16:
+        sys.exit("error: --fast at 3 epochs is the bf16 comparison (mnist_table1_bf16.json): this CPU has no native bf16")
     R.paths(args, "mnist_table1", RESULTS_FAST if args.fast and three else RESULTS, "_quick" if args.quick else "",
             ("_bf16" if args.fast else "") if three else f"_e{args.epochs}")
     if args.summary:
         print(report(R.load(args.results)["rows"]))
         return
     if args.device == "cpu":  # the landed rows ran with AVX2 kernels; with the same kernels a retrained row
-        os.environ.update(ISA_FAST if args.fast else ISA)  # reproduces its landed log (AVX-512: not)
+        os.environ.update(FAST_ENV if args.fast else ISA)  # reproduces its landed log (AVX-512: not)
     if not os.path.isdir(os.path.join(args.data_dir, "MNIST", "raw")):
         sys.exit(f"error: no MNIST root at {args.data_dir}; run ../shared/data/mnist/make_root.sh {args.data_dir}")
     jobs = [spec(name, seed, args) for seed in args.seeds for name in args.rows if name not in LANDED_ONLY]

@@ -160,7 +160,8 @@ def train(spec, args, out, partial):
             with open(os.path.join(out, "commit.txt"), "a") as f:  # the code each (re)start of training ran
                 f.write(commit() + "\n")
             with open(os.path.join(out, "machines.jsonl"), "a") as f:  # and where: a row can span sessions
-                f.write(json.dumps({"from_epoch": trained()[0], **machine(args)}) + "\n")
+                amp = cmd[cmd.index("--amp") + 1] if "--amp" in cmd else "off"
+                f.write(json.dumps({"from_epoch": trained()[0], "amp": amp, **machine(args)}) + "\n")
             segment = cmd[:cmd.index("--epochs") + 1] + [str(k)] + cmd[cmd.index("--epochs") + 2:]
             _, rc = call([sys.executable, *segment, *resume], os.path.join(out, "train.txt"), args.threads)
             if rc:
