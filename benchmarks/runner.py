@@ -3,8 +3,8 @@
 A job is one (row, seed, epochs), its steps skipped where their result is already in the results
 file (a row of another budget is another entry):
 
-  1. train (or --resume) the row's command in OUT/ROW_seedS/; a half-trained row carried from an
-     earlier session in benchmarks/results/<table>_partial/ROW_seedS/ (model.pt, log.jsonl,
+  1. train (or --resume) the row's command in OUT/ROW_seedS/; a half-trained row carried in git
+     from another machine in benchmarks/results/<table>_partial/ROW_seedS/ (model.pt, log.jsonl,
      commit.txt, machines.jsonl) continues from there. With spec["keep"] (the budget curve) it trains in segments,
      --epochs k then --resume --epochs of the next k (the same run bit for bit: the trainers seed
      each epoch and keep their milestones), and keeps the classifier at each k as
@@ -25,7 +25,7 @@ file (a row of another budget is another entry):
      the chain's second run.
 
 The results file is written as each step lands, under a file lock (jobs run in threads, and two
-invocations may share the file), so a session can end at any time.
+invocations may share the file), so a run can be stopped at any time.
 """
 import fcntl
 import hashlib
@@ -135,6 +135,14 @@ def export(run_ckpt, path):
     return {"path": rel(path), "sha256": sha256(path)}
 
 
+def eps_counts(run_ckpt):
+    """{eps_i: number of training samples} of a customized run's final eps table. eps_i takes few values
+    (multiples of eta, capped at eps_max), so the counts are the whole distribution, small enough for JSON."""
+    eps = torch.load(run_ckpt, map_location="cpu", weights_only=True)["eps"]
+    values, counts = torch.unique(eps.double().round(decimals=6), return_counts=True)
+    return {f"{v:g}": c for v, c in zip(values.tolist(), counts.tolist())}
+
+
 def train_command(spec, args, out):
     return [spec["script"], *spec["flags"], "--epochs", str(spec["epochs"]), "--seed", str(spec["seed"]),
             "--device", args.device, "--out", rel(out)] + (["--train-size", str(args.train_size)] if args.train_size
@@ -159,7 +167,7 @@ def train(spec, args, out, partial):
             print(f"{spec['name']} seed {spec['seed']}: training to epoch {k} ({' '.join(resume)})", flush=True)
             with open(os.path.join(out, "commit.txt"), "a") as f:  # the code each (re)start of training ran
                 f.write(commit() + "\n")
-            with open(os.path.join(out, "machines.jsonl"), "a") as f:  # and where: a row can span sessions
+            with open(os.path.join(out, "machines.jsonl"), "a") as f:  # and where: a row can span machines
                 amp = cmd[cmd.index("--amp") + 1] if "--amp" in cmd else "off"
                 f.write(json.dumps({"from_epoch": trained()[0], "amp": amp, **machine(args)}) + "\n")
             segment = cmd[:cmd.index("--epochs") + 1] + [str(k)] + cmd[cmd.index("--epochs") + 2:]
@@ -168,7 +176,7 @@ def train(spec, args, out, partial):
                 print(f"{spec['name']} seed {spec['seed']}: training exited {rc}, see {out}/train.txt", flush=True)
                 return None
         if k < spec["epochs"] and not os.path.exists(snapshot_path(spec, args, k)):
-            if trained()[0] != k:  # carried past k from a session that did not keep it: not recoverable
+            if trained()[0] != k:  # carried past k by a run that did not keep it: not recoverable
                 print(f"{spec['name']} seed {spec['seed']}: no classifier of epoch {k} kept", flush=True)
                 continue
             export(ckpt, snapshot_path(spec, args, k))
@@ -189,6 +197,9 @@ def train_and_evaluate(spec, args, landed, partial):
            "seconds": sum(r["seconds"] for r in log), "machine": machine(args), "epoch_log": log}
     if "train_mask_mean" in log[0]:
         row["mask_mean_per_epoch"] = [r["train_mask_mean"] for r in log]
+    if "eps_mean" in log[0]:  # customized: where the eps table went, epoch by epoch, and where it ended
+        row["eps_per_epoch"] = {"mean": [r["eps_mean"] for r in log], "at_max": [r["eps_at_max"] for r in log]}
+        row["eps_final_counts"] = eps_counts(os.path.join(out, "model.pt"))
     if os.path.exists(where := os.path.join(out, "machines.jsonl")):  # each (re)start: its first epoch, its CPU
         row["training_machines"] = [json.loads(line) for line in open(where)]
     if landed:  # trained before models were kept: the same command again
