@@ -7,19 +7,19 @@
 The model is rebuilt from the checkpoint's arch and dataset and attacked in eval mode on the test
 split; every eps is in pixel units. Attacks, by the names --attacks takes, in run order:
 
-  calibrated  paper 002, Sec. 5.1.1: pgd20, pgd100 (CE, step 0.003), cw (C&W-inf, eps 0.031, step
-              0.003, 30 steps, kappa 50), fgsm, none with a random start (Sec. 5.1.1, footnote 2),
-              [apgd-ce, apgd-t], square (5000 queries) at 8/255; on 1-channel (MNIST-like) data eps
-              0.3 and step 0.015 for all.
-  customized  paper 000, Sec. 5, Table 3: pgd100, cw100 (kappa 50), --full: pgd1000x20, cw1000x20
-              (20 restarts), all step eps/5 with random starts; deepfool, robust where its minimal
-              L-inf perturbation exceeds eps, last as the costliest; [apgd-ce, apgd-t, square]. 8/255
-              (MNIST-like: 0.3).
+  calibrated  the calibrated paper, Sec. 5.1.1: pgd20, pgd100 (CE, step 0.003), cw (C&W-inf, eps
+              0.031, step 0.003, 30 steps, kappa 50), fgsm, none with a random start (Sec. 5.1.1,
+              footnote 2), [apgd-ce, apgd-t], square (5000 queries) at 8/255; on 1-channel
+              (MNIST-like) data eps 0.3 and step 0.015 for all.
+  customized  the customized paper, Sec. 5, Table 3: pgd100, cw100 (kappa 50), --full: pgd1000x20,
+              cw1000x20 (20 restarts), all step eps/5 with random starts; deepfool, robust where its
+              minimal L-inf perturbation exceeds eps, last as the costliest; [apgd-ce, apgd-t,
+              square]. 8/255 (MNIST-like: 0.3).
   [added]     not in the paper's protocol, marked * in the table, dropped by --paper-only: apgd-ce
               and apgd-t (Croce & Hein 2020, AutoAttack's settings: 100 steps, 1 restart, APGD-T on
               the 9 most likely other classes), so that "any attack" is a worst case to quote:
               fixed-step PGD can be several points too weak; in the customized protocol also square
-              (5000 queries, as paper 002's), the black box that sees gradient masking.
+              (5000 queries, as the calibrated paper's), the black box that sees gradient masking.
   default     the protocol of the paper whose method trained the checkpoint (its "method");
               calibrated where it records none. Both: sanity, and with --autoattack (or autoattack
               in --attacks) autoattack, last: AutoAttack standard (Croce & Hein 2020: APGD-CE,
@@ -120,6 +120,9 @@ def load_model(path):
         model.load_state_dict(ck["model"])
     except Exception as e:
         fail(f"{path}: the state dict does not fit arch {ck['arch']}: {' '.join(str(e).split())[:300]}")
+    broken = next((k for k, v in ck["model"].items() if v.is_floating_point() and not v.isfinite().all()), None)
+    if broken:  # a diverged run: its NaN logits would argmax to class 0 and read as a plausible 10 %
+        fail(f"{path}: non-finite weights (NaN or inf) in {broken}; refused")
     return model.eval(), ck
 
 
@@ -212,14 +215,14 @@ def protocol_attacks(args, mnist_like):
              restarts=1, rho=0.75),
         dict(name="apgd-t", kind="apgd", added=True, eps=eps, steps=100, loss="dlr", targeted=True, n_targets=9,
              restarts=1, rho=0.75)]
-    if args.protocol == "calibrated":  # paper 002, Sec. 5.1.1 and its footnote 2: no random start
+    if args.protocol == "calibrated":  # the calibrated paper, Sec. 5.1.1 and its footnote 2: no random start
         alpha = 0.015 if mnist_like else 0.003
         cw_eps = args.eps if args.eps is not None else 0.3 if mnist_like else 0.031
         specs = [pgd("pgd20", eps, alpha, 20, random_start=False), pgd("pgd100", eps, alpha, 100, random_start=False),
                  pgd("cw", cw_eps, alpha, 30, "cw", random_start=False, kappa=50.0),
                  dict(name="fgsm", kind="fgsm", eps=eps), *added,  # the white-box worst case before Square
                  dict(name="square", kind="square", eps=eps, n_queries=args.square_queries, p_init=0.8)]
-    else:  # paper 000, Sec. 5: step eps/5; it gives no kappa, so paper 002's
+    else:  # the customized paper, Sec. 5: step eps/5; it gives no kappa, so the calibrated paper's 50
         specs = [pgd("pgd100", eps, eps / 5, 100), pgd("cw100", eps, eps / 5, 100, "cw", kappa=50.0)]
         if args.full:
             specs += [pgd("pgd1000x20", eps, eps / 5, 1000, restarts=20),
@@ -287,7 +290,10 @@ def survives(spec, source, model, x, y, seed):
     if kind != "natural":
         check_threat_model(spec, x, x_adv)
     with torch.no_grad():
-        return model(x_adv).argmax(1) == y
+        logits = model(x_adv)
+    if kind == "natural" and not logits.isfinite().all():  # once per batch, natural pass only: before any attack
+        fail("non-finite logits (NaN or inf) on the clean test images; refused")
+    return logits.argmax(1) == y
 
 
 def check_threat_model(spec, x, x_adv, tol=1e-6):
@@ -387,7 +393,8 @@ def print_table(label, report):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (see --help)\n")  # one line, no usage dump
     a = p.add_argument
     a("--ckpt", required=True, help="model.pt of train_customized.py or train_calibrated.py")
@@ -399,11 +406,12 @@ def get_args(argv=None):
     a("--eps", type=fraction, default=None, help="every attack's eps (not the sanity check's), e.g. 8/255")
     a("--steps", type=int, default=None, help="the steps of every PGD, C&W and APGD attack and the sanity check")
     a("--restarts", type=int, default=None, help="the restarts of every PGD, C&W and APGD attack (> 1: random starts)")
-    a("--square-queries", type=int, default=5000, help="Square's queries per point (paper 002: 5000)")
+    a("--square-queries", type=int, default=5000, help="Square's queries per point (the calibrated paper: 5000)")
     a("--n-examples", type=int, default=None, help="evaluate the first N test examples (default: all)")
     a("--batch-size", type=int, default=128)
     a("--attack-all", action="store_true", help="attack every naturally correct point with every attack")
-    a("--transfer-from", default=None, help="craft on this checkpoint, test --ckpt's model (paper 000, Table 5)")
+    a("--transfer-from", default=None, help="craft on this checkpoint, test --ckpt's model (the customized paper, "
+      "Table 5)")
     a("--autoattack", action="store_true", help="also run AutoAttack standard, last (pip install pyautoattack)")
     a("--data-dir", default=None, help="dataset root (default: the checkpoint's data_dir, else ./data)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -418,11 +426,11 @@ def get_args(argv=None):
     args.autoattack |= "autoattack" in (args.attacks or "").split(",")  # --attacks autoattack asks for it too
     for k in ("steps", "restarts", "square_queries", "n_examples", "batch_size"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
-            p.error(f"--{k.replace('_', '-')} must be >= 1")
+            p.error(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
     if args.eps is not None and args.eps <= 0:
-        p.error("--eps must be > 0")
+        p.error(f"--eps must be > 0, got {args.eps:g}")
     if args.workers < 0:
-        p.error("--workers must be >= 0")
+        p.error(f"--workers must be >= 0, got {args.workers}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     args.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")

@@ -3,7 +3,8 @@
 Every model takes inputs in [0, 1] and applies no normalisation (the convention of Madry et al.
 and TRADES), so every epsilon in this project is in pixel units.
 
-  smallcnn         the MNIST classifier of the calibrated paper (NOTES.md)
+  smallcnn         the MNIST classifier of the calibrated paper's release (README.md, Calibrated
+                   adversarial training)
   preact_resnet18  PreAct ResNet-18 (He et al. 2016), calibrated paper Tables 2 and 4
   wrn34_10         WideResNet-34-10, dropout 0 (Madry et al., TRADES), both papers
   vgg16            VGG-16 with BatchNorm, global pooling, Linear(512 -> classes), customized Table 3

@@ -34,8 +34,8 @@ import attacks
 from models import ARCHS, MASK_NETS, get_mask_net, get_model
 
 METHOD = "calibrated"
-# Sec. 5.1.1 and the authors' release (NOTES.md): the defaults of every flag below that has one
-# per dataset; --dataset mnist or fake-mnist takes the MNIST column.
+# Sec. 5.1.1 and the authors' release (README.md, Calibrated adversarial training): the defaults of
+# every flag below that has one per dataset; --dataset mnist or fake-mnist takes the MNIST column.
 PRESETS = {
     "cifar": dict(beta=5.0, beta1=0.05, eps=8 / 255, alpha=2 / 255, steps=10, kappa=50.0, optimizer="sgd", lr=0.1,
                   wd=5e-4, mask_optimizer="sgd", mask_lr=0.1, batch_size=128, epochs=140, arch="preact_resnet18",
@@ -130,23 +130,10 @@ def train_step(model, mask_net, f_net, attack_net, g_net, opt_f, opt_g, scaler, 
     return out
 
 
-def write_masks_png(model, mask_net, test, args, n=8):
-    """DIR/masks.png, the paper's Fig. 2: rows x, x', M and x_cali for n test images (eval mode, training attack)."""
-    x, y = (t.to(args.device) for t in next(iter(DataLoader(test, n)))[:2])
-    torch.manual_seed(args.seed)  # the picture is a function of the checkpoint
-    model.eval()
-    mask_net.eval()
-    delta = attack(model, x, y, args)
-    with torch.no_grad():
-        mask = mask_net(x, delta)
-    torchvision.utils.save_image(torch.cat([x, x + delta, mask, calibrate(x, delta, mask)]),
-                                 os.path.join(args.out, "masks.png"), nrow=len(x))
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Calibrated adversarial training (ACML 2021), Sec. 4.4. Defaults "
                                 "shown are --dataset's preset (CIFAR-10 or MNIST); help names both.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     a = p.add_argument
     a("--beta", type=float, help="weight of the KL term (Eq. 13; Sec. 5.1.1: 5 on CIFAR-10, 1 on MNIST)")
     a("--beta1", type=float, help="weight of CE(f(x_cali), y) in g_phi's loss (Eq. 14; Sec. 5.1.1: "
@@ -180,9 +167,10 @@ def get_args(argv=None):
     args = parse_args(p, argv)
     args.alpha = args.eps / 20 if args.alpha is None else args.alpha  # MNIST: alpha = eps / T (Sec. 5.1.1)
     args.mask_arch = None if args.no_mask else args.mask_arch
-    if min(args.beta, args.beta1, args.kappa, args.wd) < 0 or args.eps <= 0 or not 0 < args.alpha <= args.eps \
-            or args.steps < 1 or min(args.lr, args.mask_lr) <= 0:
-        p.error("need beta, beta1, kappa, wd >= 0, eps > 0, 0 < alpha <= eps, steps >= 1, lr, mask-lr > 0")
+    check_ranges(p, args, [("--beta --beta1 --kappa --wd", lambda v: v >= 0, ">= 0"),
+                           ("--eps --lr --mask-lr", lambda v: v > 0, "> 0"),  # --eps first: --alpha's rule reads it
+                           ("--alpha", lambda v: 0 < v <= args.eps, f"in (0, --eps] = (0, {args.eps:g}]"),
+                           ("--steps", lambda v: v >= 1, ">= 1")])
     return args
 
 
@@ -224,8 +212,6 @@ def main(argv=None):
                 print(f"warning: epoch {epoch + 1}: mean mask {m:.4f} is outside (0.02, 0.98): the run has become "
                       + ("natural training" if m <= 0.02 else "TRADES (A2 with the weighted CE)"), file=sys.stderr)
         best = end_epoch(rec, model, (train, val, test), state, best, args.eps, args)
-    if is_main() and mask_net is not None:
-        write_masks_png(model, mask_net, test, args)
     if world > 1:
         dist.destroy_process_group()
 
@@ -266,9 +252,9 @@ def parse_args(p, argv):
     a("--eps-warmup", type=float, default=0, help="epochs over which the training attack's eps (and step) grows "
       "linearly from 0, per batch; not in the papers (PGD-AT on MNIST at 0.3 can stall at chance without); 0 = off")
     args = p.parse_args(argv)
-    sizes = [args.epochs, args.batch_size, args.eval_size, args.train_size or 1, args.test_size or 1]
-    if min(sizes + (args.milestones or [1])) < 1 or min(args.val_size, args.workers or 0, args.eps_warmup) < 0:
-        p.error("need epochs, batch, eval, train, test sizes and milestones >= 1, val-size, workers, eps-warmup >= 0")
+    check_ranges(p, args, [("--epochs --batch-size --eval-size --train-size --test-size", lambda v: v >= 1, ">= 1"),
+                           ("--milestones", lambda m: min(m) >= 1, ">= 1 each"),
+                           ("--val-size --workers --eps-warmup", lambda v: v >= 0, ">= 0")])
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     cpu = not (args.device == "cuda" or args.device == "auto" and torch.cuda.is_available())
@@ -279,6 +265,16 @@ def parse_args(p, argv):
     args.out = args.out or os.path.join("runs", os.path.basename(sys.argv[0]).removesuffix(".py"))
     args.eps_scale = 1.0  # the training attack's eps factor: batches() sets it per batch under --eps-warmup
     return args
+
+
+def check_ranges(p, args, rules):
+    """p.error at the first flag that breaks its rule, in one line naming the flag, the rule and the value it got.
+    rules: (flags, ok, rule): space-separated flags, a test of one value, the test in words; unset (None) passes."""
+    for flags, ok, rule in rules:
+        for flag in flags.split():
+            value = getattr(args, flag[2:].replace("-", "_"))
+            if value is not None and not ok(value):
+                p.error(f"{flag} must be {rule}, got {format(value, 'g') if isinstance(value, float) else value}")
 
 
 def milestones(args, paper_epochs, paper_milestones):

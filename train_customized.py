@@ -111,17 +111,9 @@ def eps_stats(eps_table, args):
             "eps_at_max": (eps_table >= args.eps_max - 1e-9).float().mean().item()}
 
 
-def write_eps_histogram(eps_table, args, bins=40, height=120):
-    """DIR/eps_hist.png: histogram of the final per-sample eps over [0, eps_max], one bar a bin."""
-    counts = torch.histc(eps_table.float().cpu(), bins, 0, args.eps_max)
-    bars = (counts / counts.max().clamp(min=1) * height).round().long().repeat_interleave(6)  # a bin: 6 px
-    ink = (torch.arange(height)[:, None] >= height - bars) & (torch.arange(bins * 6) % 6 < 5)  # 5 px bar, 1 gap
-    torchvision.io.write_png(torch.where(ink, 0, 255).to(torch.uint8)[None], os.path.join(args.out, "eps_hist.png"))
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Customized adversarial training (arXiv 2002.06789), Alg. 1.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     a = p.add_argument
     a("--eta", type=fraction, default=0.005, help="eps_i increment per unfooled visit (Sec. 3.1; Sec. 5: 0.005)")
     a("--eps-max", type=fraction, default=8 / 255, help="cap on eps_i (Sec. 5: 8/255)")
@@ -141,8 +133,9 @@ def get_args(argv=None):
     a("--batch-size", type=int, default=128, help="batch size per process (128, as Madry et al. and TRADES)")
     a("--arch", default="wrn34_10", choices=ARCHS, help="classifier (Table 4: WRN-34-10; Table 3: VGG-16)")
     args = parse_args(p, argv)
-    if args.eta < 0 or args.eps_max <= 0 or args.beta <= 0 or not 0 <= args.c * args.eps_max <= 1 or args.steps < 1:
-        p.error(f"need eta >= 0, eps-max > 0, beta > 0, steps >= 1, 0 <= c * eps-max <= 1 (Eq. 4): {args.c * args.eps_max:.3g}")
+    check_ranges(p, args, [("--eta", lambda v: v >= 0, ">= 0"), ("--eps-max --beta", lambda v: v > 0, "> 0"),
+                           ("--c", lambda c: 0 <= c * args.eps_max <= 1, f"in [0, 1/{args.eps_max:g}] (Eq. 4)"),
+                           ("--steps", lambda v: v >= 1, ">= 1")])
     args.lr = (0.01 if args.arch == "vgg16" else 0.1) if args.lr is None else args.lr
     return args
 
@@ -169,8 +162,6 @@ def main(argv=None):
                **({} if args.fixed_eps else eps_stats(eps_table, args)), "seconds": time.time() - t0}
         scheduler.step()
         best = end_epoch(rec, model, (train, val, test), state, best, args.eps_max, args)
-    if is_main() and not args.fixed_eps:
-        write_eps_histogram(eps_table, args)
     if world > 1:
         dist.destroy_process_group()
 
@@ -211,9 +202,9 @@ def parse_args(p, argv):
     a("--eps-warmup", type=float, default=0, help="epochs over which the training attack's eps (and step) grows "
       "linearly from 0, per batch; not in the papers (PGD-AT on MNIST at 0.3 can stall at chance without); 0 = off")
     args = p.parse_args(argv)
-    sizes = [args.epochs, args.batch_size, args.eval_size, args.train_size or 1, args.test_size or 1]
-    if min(sizes + (args.milestones or [1])) < 1 or min(args.val_size, args.workers or 0, args.eps_warmup) < 0:
-        p.error("need epochs, batch, eval, train, test sizes and milestones >= 1, val-size, workers, eps-warmup >= 0")
+    check_ranges(p, args, [("--epochs --batch-size --eval-size --train-size --test-size", lambda v: v >= 1, ">= 1"),
+                           ("--milestones", lambda m: min(m) >= 1, ">= 1 each"),
+                           ("--val-size --workers --eps-warmup", lambda v: v >= 0, ">= 0")])
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     cpu = not (args.device == "cuda" or args.device == "auto" and torch.cuda.is_available())
@@ -224,6 +215,16 @@ def parse_args(p, argv):
     args.out = args.out or os.path.join("runs", os.path.basename(sys.argv[0]).removesuffix(".py"))
     args.eps_scale = 1.0  # the training attack's eps factor: batches() sets it per batch under --eps-warmup
     return args
+
+
+def check_ranges(p, args, rules):
+    """p.error at the first flag that breaks its rule, in one line naming the flag, the rule and the value it got.
+    rules: (flags, ok, rule): space-separated flags, a test of one value, the test in words; unset (None) passes."""
+    for flags, ok, rule in rules:
+        for flag in flags.split():
+            value = getattr(args, flag[2:].replace("-", "_"))
+            if value is not None and not ok(value):
+                p.error(f"{flag} must be {rule}, got {format(value, 'g') if isinstance(value, float) else value}")
 
 
 def milestones(args, paper_epochs, paper_milestones):

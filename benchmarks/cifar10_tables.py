@@ -1,26 +1,26 @@
 """Both papers' CIFAR-10 tables in one command, on one GPU, every row through the real CLIs.
 
-  paper 002, Table 2  PreActResNet-18, eps 8/255: AT, TRADES (beta 6), calibrated_cent and
+  the calibrated paper, Table 2  PreActResNet-18, eps 8/255: AT, TRADES (beta 6), calibrated_cent and
                       calibrated_cw at beta1 0.05 and 0.1; Table 4's Square column beside them
-  paper 002, Table 3  the same six on WRN-34-10 (--wrn)
-  paper 000, Table 3  VGG-16: PGD-AT and customized (the mixed loss of Eq. 6)
-  paper 000, Table 4  WRN-34-10: customized (--wrn); its PGD-AT baseline is Table 3's AT row (the
+  the calibrated paper, Table 3  the same six on WRN-34-10 (--wrn)
+  the customized paper, Table 3  VGG-16: PGD-AT and customized (the mixed loss of Eq. 6)
+  the customized paper, Table 4  WRN-34-10: customized (--wrn); its PGD-AT baseline is Table 3's AT row (the
                       paper quotes Madry et al.'s number there rather than train one)
 
 Built like mnist_table1.py (benchmarks/runner.py): train, the paper's protocol on the whole test
-set (paper 002: FGSM, PGD-20, PGD-100, C&W-inf, no random start; paper 000: PGD-100, C&W-100,
+set (the calibrated paper: FGSM, PGD-20, PGD-100, C&W-inf, no random start; the customized paper: PGD-100, C&W-100,
 DeepFool, step eps/5), the classifier kept in benchmarks/results/checkpoints/ROW_seedS.pt with its
 sha256, then the strong worst case (the whole chain with APGD-CE, APGD-T and Square 5,000, each
 attack alone) on the first 1,000 test images; results in benchmarks/results/cifar10_tables.json as
 each step lands, finished rows skipped, a killed row resumed. Before it trains, it measures each
 row's training throughput on a few batches and prints the estimated hours per row.
 
-Schedules are the papers': paper 002's rows 140 epochs with lr x0.1 at 100 and 120 (WRN: 100 and
+Schedules are the papers': the calibrated paper's rows: 140 epochs with lr x0.1 at 100 and 120 (WRN: 100 and
 110), AT among them (train_customized.py --fixed-eps --c 0 --loss ce, 10 steps of 2/255 from a
-random start); paper 000's 200 epochs at 80/140/180, lr 0.01 for VGG-16. --epochs E trains every
+random start); the customized paper's 200 epochs at 80/140/180, lr 0.01 for VGG-16. --epochs E trains every
 row E epochs, the milestones scaled; --speed adds bf16 autocast and channels-last (gpu_check.py).
 
-    python benchmarks/cifar10_tables.py --data-dir data                  # Table 2 + paper 000's Table 3
+    python benchmarks/cifar10_tables.py --data-dir data                  # Table 2 + the customized paper's Table 3
     python benchmarks/cifar10_tables.py --data-dir data --wrn            # + the WRN-34-10 tables
     python benchmarks/cifar10_tables.py --data-dir data --estimate       # the time estimate alone
     python benchmarks/cifar10_tables.py --smoke --rows AT_prn18 customized_vgg16   # the pipeline, offline
@@ -40,7 +40,7 @@ RESULTS = os.path.join(R.REPO, "benchmarks", "results", "cifar10_tables.json")
 PARTIAL = os.path.join(R.REPO, "benchmarks", "results", "cifar10_tables_partial")
 CAL_EVAL = ["--protocol", "calibrated", "--paper-only", "--attacks", "fgsm,pgd20,pgd100,cw", "--attack-all"]
 CUS_EVAL = ["--protocol", "customized", "--paper-only", "--attack-all"]
-# name: (paper and table, script, arch, method flags, paper 002 schedule?)
+# name: (paper and table, script, arch, method flags, the calibrated paper schedule?)
 ROWS = {}
 for arch, short in (("preact_resnet18", "prn18"), ("wrn34_10", "wrn")):
     table = "002 T3" if short == "wrn" else "002 T2"
@@ -54,7 +54,7 @@ for arch, short in (("preact_resnet18", "prn18"), ("wrn34_10", "wrn")):
 ROWS["AT_vgg16"] = ("000 T3", "train_customized.py", "vgg16", ["--fixed-eps", "--c", "0", "--loss", "ce"], False)
 ROWS["customized_vgg16"] = ("000 T3", "train_customized.py", "vgg16", [], False)
 ROWS["customized_wrn"] = ("000 T4", "train_customized.py", "wrn34_10", [], False)
-# The papers' numbers (%): paper 002 Tables 2-4 (calibrated rows: mean of 5 runs), paper 000 Tables 3-4.
+# The papers' numbers (%): the calibrated paper Tables 2-4 (calibrated rows: mean of 5 runs), the customized paper Tables 3-4.
 # Paper 000's Table 4 gives PGD-20 with random restarts and C&W: shown beside our PGD-100 and C&W-100.
 COLS_002 = ("natural", "fgsm", "pgd20", "pgd100", "cw", "square")
 COLS_000 = ("natural", "deepfool", "pgd100", "cw100")
@@ -79,7 +79,7 @@ def spec(name, seed, args):
     table, script, arch, flags, paper002 = ROWS[name]
     epochs = args.epochs or (140 if paper002 else 200)
     flags = [*flags, "--arch", arch, "--dataset", args.dataset, "--data-dir", R.rel(args.data_dir)] + args.speed
-    if paper002:  # the calibrated release's schedule for every row of paper 002, AT's too
+    if paper002:  # the calibrated release's schedule for every row of the calibrated paper, AT's too
         flags += ["--milestones", *[str(max(1, round(m * epochs / 140))) for m in ((100, 110) if arch == "wrn34_10"
                                                                                    else (100, 120))]]
     evaluate = CAL_EVAL if paper002 else CUS_EVAL + (["--full"] if args.full else [])
@@ -143,16 +143,17 @@ def table(rows):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), help="default: Table 2 and paper 000's VGG-16 rows; "
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), help="default: Table 2 and the customized paper's VGG-16 rows; "
                    "with --wrn every row")
-    p.add_argument("--wrn", action="store_true", help="the WRN-34-10 rows too (paper 002 Table 3, paper 000 Table 4)")
-    R.add_arguments(p, RESULTS, epochs="the paper's: 140, paper 000's rows 200")
+    p.add_argument("--wrn", action="store_true", help="the WRN-34-10 rows too (the calibrated paper Table 3, the customized paper Table 4)")
+    R.add_arguments(p, RESULTS, epochs="the paper's: 140, the customized paper's rows 200")
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "fake-cifar10"])
     p.add_argument("--data-dir", default=os.path.join(R.REPO, "data"), help="torchvision's CIFAR-10 root")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--speed", action="store_true", help="--amp (bf16) and --channels-last for training and evaluation")
-    p.add_argument("--full", action="store_true", help="paper 000's rows: Table 3's 20 x 1000-step PGD and C&W too")
+    p.add_argument("--full", action="store_true", help="the customized paper's rows: Table 3's 20 x 1000-step PGD and C&W too")
     p.add_argument("--estimate", action="store_true", help="print the time estimate and stop")
     p.add_argument("--estimate-batches", type=int, default=40, help="batches of 128 the estimate trains per row")
     p.add_argument("--attack-steps", type=int, help="every attack's steps in the strong evaluation (smoke runs)")

@@ -262,14 +262,15 @@ def strength(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--reps", type=int, default=3, help="interleaved rounds; the median is reported")
     p.add_argument("--steps", type=int, default=3, help="timed training steps per recipe and round")
     p.add_argument("--e2e-images", type=int, default=2000, help="training images of the end-to-end epoch")
     p.add_argument("--strength", action="store_true", help="the attacks under bf16 against fp32 (module doc)")
     p.add_argument("--models", nargs="+", default=["AT(0.3)", "TRADES(0.3)", "calibrated_cw(0.3)"])
     p.add_argument("--n", type=int, default=1000, help="--strength: test images (a multiple of 100)")
-    p.add_argument("--data-dir", default=os.path.join(R.REPO, "data"), help="a root written by make_root.sh")
+    p.add_argument("--data-dir", default=os.path.join(R.REPO, "data"), help="a torchvision MNIST root (DIR/MNIST/raw)")
     p.add_argument("--note", default="", help="what else ran on the machine (recorded in the JSON)")
     p.add_argument("--out", help="the results file (default: benchmarks/results/cpu_speed[_strength].json)")
     p.add_argument("--child", help=argparse.SUPPRESS)

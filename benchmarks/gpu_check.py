@@ -251,7 +251,8 @@ def check_torchrun(a, tmp):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: the tiny mode")
     p.add_argument("--data-dir", default=os.path.join(REPO, "data"), help="an MNIST root, if any, for evaluate's "
                    "check (learnable digits; else FakeData)")

@@ -1,13 +1,14 @@
 """The mask of calibrated AT on real MNIST, batch by batch, under two optimizers for g_phi.
 
 The MNIST release trains g_phi with Adam 1e-3; re-run on real digits, its mean mask falls from
-0.5 to ~0 within ten batches (NOTES.md), and calibrated AT becomes natural training. This script
-reproduces that in our own train_step, beside SGD (momentum 0.9, lr 0.01; the CIFAR release's
-optimizer for g_phi), with every other setting the MNIST preset's. It prints the mask's mean and
-5 % / 95 % quantiles at chosen batches, then f's clean and PGD-20 accuracy (eps 0.3, step 0.015,
-no random start) on a validation split held out of the TRAINING set (never the test set).
+0.5 to ~0 within ten batches (README.md, Calibrated adversarial training), and calibrated AT
+becomes natural training. This script reproduces that in our own train_step, beside SGD (momentum
+0.9, lr 0.01; the CIFAR release's optimizer for g_phi), with every other setting the MNIST preset's.
+It prints the mask's mean and 5 % / 95 % quantiles at chosen batches, then f's clean and PGD-20
+accuracy (eps 0.3, step 0.015, no random start) on a validation split held out of the TRAINING set
+(never the test set).
 
-    ../shared/data/mnist/make_root.sh data && python benchmarks/mask_trace.py --data-dir data
+    python benchmarks/mask_trace.py --data-dir data     # torchvision downloads MNIST into data once
 """
 import argparse
 import json
@@ -57,7 +58,7 @@ def trace(opt, lr, a):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--attack", default="cw", choices=["pgd", "cw"])

@@ -131,7 +131,7 @@ def time_rows(rows, reps, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--arch", default="smallcnn", help="smallcnn (MNIST-shaped input) or preact_resnet18 (CIFAR)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--batch-size", type=int, default=128)
