@@ -4,7 +4,7 @@ Two classes in the plane, linearly separable: every point lies at L-inf distance
 the true boundary (margin 1.75, in the attack's norm). Each class is a strip along the boundary,
 the two strips shifted along it in opposite directions. Natural training, PGD-AT at eps 1 and 4,
 customized AT (Alg. 1, eps_max 4); prints test accuracy and each boundary's tilt from the true
-one, and writes the four decision boundaries.
+one. benchmarks/figures.py draws the four decision boundaries of the first seed (toy_margin.png).
 
 Why this distribution: for a linear model, L-inf AT minimises softplus(eps ||w||_1 - y f(x)).
 Once eps exceeds most points' distance, every point sits in the loss's linear part, whose gradient
@@ -13,7 +13,7 @@ axis). With the strips shifted, that direction is ~60 degrees off the true norma
 (--offset 0), the mean difference is the true normal with ||mean(y x)||_inf < eps, so w collapses
 to ~0: the boundary is SGD noise and its accuracy varies from seed to seed.
 
-    python benchmarks/toy_margin.py --seeds 5 --out toy_margin.png
+    python benchmarks/toy_margin.py --seeds 5
 """
 import argparse
 import math
@@ -21,7 +21,6 @@ import os
 import sys
 
 import torch
-import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import attacks  # noqa: E402
@@ -100,25 +99,8 @@ def run(seed, n=400, steps=10, epochs=60, offset=LENGTH / 2):
     return res, (x, y)
 
 
-def panel(model, x, y, size=200, half=20.0):
-    """The plane [-half, half]^2 coloured by predicted class, true boundary black, points dark."""
-    ticks = torch.linspace(-half, half, size)
-    grid = torch.stack(torch.meshgrid(ticks, -ticks, indexing="xy"), -1)  # row 0 = top
-    with torch.no_grad():
-        pred = model(grid.view(-1, 2)).argmax(1).view(size, size)
-    light, dark = torch.tensor([[255, 215, 170], [175, 205, 255]]), torch.tensor([[200, 40, 30], [30, 60, 200]])
-    img = light[pred]
-    img[(grid @ NORMAL).abs() < 1.5 * half / size] = 0
-    col = ((x[:, 0] + half) / (2 * half) * (size - 1)).round().long()
-    row = ((half - x[:, 1]) / (2 * half) * (size - 1)).round().long()
-    for dr in (-1, 0, 1):
-        for dc in (-1, 0, 1):
-            img[(row + dr).clamp(0, size - 1), (col + dc).clamp(0, size - 1)] = dark[y]
-    return img.permute(2, 0, 1).to(torch.uint8)
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--seed", type=int, default=0, help="first seed (data, init, attacks)")
     p.add_argument("--seeds", type=int, default=5, help="number of seeds")
     p.add_argument("--n", type=int, default=400, help="training points")
@@ -126,7 +108,6 @@ def main(argv=None):
                    help="PGD steps in training, step radius / 4: >= 8 reach the worst case from any start")
     p.add_argument("--offset", type=float, default=LENGTH / 2,
                    help="shift of each strip along the boundary; 0: eps-4 AT collapses instead")
-    p.add_argument("--out", default="toy_margin.png", help="PNG: natural, AT 1 / AT 4, customized")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     accs = {k: [] for k in METHODS}
@@ -135,16 +116,13 @@ def main(argv=None):
         for k, (m, a) in res.items():
             print(f"seed {seed}  {k:11s} test acc {a:.3f}  {describe(m)}", flush=True)
             accs[k].append(a)
-        if seed == args.seed:  # the figure shows the first seed
-            tiles = [panel(m, x, y) for m, _ in res.values()]
-            torchvision.utils.save_image([t / 255 for t in tiles], args.out, nrow=2, padding=4, pad_value=1)
-            at4 = res["AT eps 4"][0]  # cross-check: PGD hits the closed-form corner
+        if seed == args.seed:  # cross-check: PGD hits the closed-form corner
+            at4 = res["AT eps 4"][0]
             pgd = attacks.pgd(at4, x, y, 4.0, 1.0, args.steps, clip=None)
             print(f"PGD vs closed form, max |diff|: {(pgd - worst_case(at4, x, y, 4.0)).abs().max():.2e}")
     for k, a in accs.items():
         a = torch.tensor(a)
         print(f"{k:11s} test acc {a.mean():.3f} ± {a.std(unbiased=False):.3f}  [{a.min():.3f}, {a.max():.3f}]")
-    print(f"wrote {args.out} (top: natural, AT eps 1; bottom: AT eps 4, customized)")
 
 
 if __name__ == "__main__":
