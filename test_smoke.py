@@ -1186,7 +1186,7 @@ def test_eval_apgd_columns_added_marked_and_dropped_by_paper_only(eval_toy, caps
 
 
 def test_eval_calibrated_cw_has_no_random_start(eval_toy):
-    """Paper 002, Sec. 5.1.1 and footnote 2: C&W-inf without a random start, so the seed cannot
+    """The calibrated paper, Sec. 5.1.1 and footnote 2: C&W-inf without a random start, so the seed cannot
     change it, and it is exactly attacks.pgd from x."""
     model, data = eval_toy
     cw = next(s for s in evaluate.protocol_attacks(eval_args(), True)[0] if s["name"] == "cw")

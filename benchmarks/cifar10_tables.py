@@ -55,7 +55,7 @@ ROWS["AT_vgg16"] = ("000 T3", "train_customized.py", "vgg16", ["--fixed-eps", "-
 ROWS["customized_vgg16"] = ("000 T3", "train_customized.py", "vgg16", [], False)
 ROWS["customized_wrn"] = ("000 T4", "train_customized.py", "wrn34_10", [], False)
 # The papers' numbers (%): the calibrated paper Tables 2-4 (calibrated rows: mean of 5 runs), the customized paper Tables 3-4.
-# Paper 000's Table 4 gives PGD-20 with random restarts and C&W: shown beside our PGD-100 and C&W-100.
+# The customized paper's Table 4 gives PGD-20 with random restarts and C&W: shown beside our PGD-100 and C&W-100.
 COLS_002 = ("natural", "fgsm", "pgd20", "pgd100", "cw", "square")
 COLS_000 = ("natural", "deepfool", "pgd100", "cw100")
 PAPER = {"AT_prn18": (83.0, 57.3, 52.9, 51.9, 50.9, 55.12), "TRADES_prn18": (82.8, 57.6, 52.8, 51.7, 50.9, 54.85),
@@ -76,14 +76,14 @@ PASSES = {"train_customized.py": 11, "TRADES": 12.5, "train_calibrated.py": 15.5
 
 
 def spec(name, seed, args):
-    table, script, arch, flags, paper002 = ROWS[name]
-    epochs = args.epochs or (140 if paper002 else 200)
+    table, script, arch, flags, calibrated_row = ROWS[name]
+    epochs = args.epochs or (140 if calibrated_row else 200)
     flags = [*flags, "--arch", arch, "--dataset", args.dataset, "--data-dir", R.rel(args.data_dir)] + args.speed
-    if paper002:  # the calibrated release's schedule for every row of the calibrated paper, AT's too
+    if calibrated_row:  # the calibrated release's schedule for every row of the calibrated paper, AT's too
         flags += ["--milestones", *[str(max(1, round(m * epochs / 140))) for m in ((100, 110) if arch == "wrn34_10"
                                                                                    else (100, 120))]]
-    evaluate = CAL_EVAL if paper002 else CUS_EVAL + (["--full"] if args.full else [])
-    strong = ["--protocol", "calibrated" if paper002 else "customized"]
+    evaluate = CAL_EVAL if calibrated_row else CUS_EVAL + (["--full"] if args.full else [])
+    strong = ["--protocol", "calibrated" if calibrated_row else "customized"]
     if args.smoke:  # last: they override the row's arch and attack
         flags += ["--arch", "smallcnn", "--steps", "1", "--eval-size", "8", "--test-size", "32", "--batch-size", "16"]
         flags += ["--mask-arch", "small"] if script == "train_calibrated.py" and "--no-mask" not in flags else []

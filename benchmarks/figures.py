@@ -124,7 +124,7 @@ def draw_table1(rows, path):
         Line2D([], [], color="gray", lw=2.5, label="mean of seeds"),
         Line2D([], [], ls="", marker="*", ms=11, color="gray", mec="k", label="paper's Table 1 (mean of 5 runs)")]
     fig.legend(handles=handles, loc="outside lower center", ncol=3)
-    fig.suptitle(f"MNIST Table 1 at the paper's 40 epochs, seeds {', '.join(map(str, seeds))}\n"
+    fig.suptitle(f"MNIST Table 1 at the release's 40 epochs, seeds {', '.join(map(str, seeds))}\n"
                  "PGD: the paper's evaluation; any attack: the strong chain's per-sample worst case")
     save(fig, path)
 

@@ -47,7 +47,7 @@ CPU without AVX-512 the fast path keeps its AVX2 kernels (ISA), and without nati
 fp32 + channels-last (bf16 is emulated there, ~7x slower; the trainers refuse it); each training
 segment records its precision and kernels in the row's training_machines.
 
-The paper's budget, --epochs 40 --fast: every setting as above (lr x0.1 after epoch 30, as the
+The release's budget, --epochs 40 --fast: every setting as above (lr x0.1 after epoch 30, as the
 release), bf16 autocast (where native) + channels-last training (budgets other than 3 epochs train only on the
 fast path, so that a (row, seed, epochs) names one model), entries with "epochs": 40 in
 mnist_table1.json beside the 3-epoch ones, models checkpoints/ROW_seedS_e40.pt. Seed 0 also keeps
@@ -341,8 +341,9 @@ def main():
                    "training is deterministic: a retrained row reproduces its log there")
     p.add_argument("--quick", action="store_true", help="defaults for a smoke run: 1 epoch of 200 images, 100 test "
                    "images, a weak strong evaluation of 50; results in runs/mnist_table1_quick")
-    p.add_argument("--fast", action="store_true", help="train in bf16 autocast + channels-last with the AVX-512 / "
-                   "AMX kernels (ISA_FAST); evaluate in fp32; results in mnist_table1_bf16.json")
+    p.add_argument("--fast", action="store_true", help="train in bf16 autocast (fp32 where the CPU has no native bf16) "
+                   "+ channels-last with the CPU's fastest kernels; evaluate in fp32; 3 epochs: results in "
+                   "mnist_table1_bf16.json")
     p.add_argument("--provenance", action="store_true", help="print where and from which commit each row of "
                    "--epochs trained, and its hours, from the results file, and exit")
     p.add_argument("--budget-curve", type=int, nargs="*", help="seed 0: keep the classifier at these epochs too "
