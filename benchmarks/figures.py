@@ -133,7 +133,8 @@ def draw_budget_curve(rows, path):
     """Seed 0's kept snapshots and final model: strong "any attack" accuracy against epochs trained."""
     fig, ax = plt.subplots(figsize=(8, 4.8), layout="constrained")
     for row in rows:
-        points = sorted([(b["epoch"], b["acc_strong"]["any"], b["flags"]) for b in row["budget_curve"]]
+        points = sorted([(b["epoch"], b["acc_strong"]["any"], b["flags"]) for b in row["budget_curve"]
+                         if "acc_strong" in b]  # a snapshot not evaluated yet is not drawn
                         + [(row["epochs"], row["acc_strong"]["any"], row["flags"])])
         epochs, acc = [p[0] for p in points], [100 * p[1] for p in points]
         ax.plot(epochs, acc, "o-", color=row_color(row["name"]), label=row["name"])
