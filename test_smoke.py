@@ -1776,6 +1776,39 @@ def test_toy_margin_eps4_distorts_customized_does_not():
                           toy_margin.worst_case(at4, x, y, 4.0))
 
 
+def test_table1_customized_rows_eta_ratio_eps_record_and_provenance(tmp_path):
+    """The customized rows keep the paper's eta / eps_max (0.005 at 8/255) at 40 epochs and eps / E at 3;
+    Table 6's ablations differ from customized in one part each; the eps table's final counts are exact;
+    provenance merges consecutive training segments on one kind of machine."""
+    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+    import mnist_table1
+    import runner
+    flag = lambda flags, k: flags[flags.index(k) + 1] if k in flags else None
+    _, cus40 = mnist_table1.row_flags("customized(0.3)", 40)
+    _, cus3 = mnist_table1.row_flags("customized(0.3)", 3)
+    assert (flag(cus40, "--eta"), flag(cus3, "--eta"), flag(cus40, "--c")) == ("0.04781", "0.1", "1.046")
+    assert 0.3 * float(flag(cus40, "--c")) == pytest.approx(10 * 8 / 255, rel=1e-3)  # c * eps_max as at 8/255
+    _, ls = mnist_table1.row_flags("Adv+LS(0.3)", 40)
+    _, adp = mnist_table1.row_flags("Adp-Adv(0.3)", 40)
+    assert "--fixed-eps" in ls and flag(ls, "--c") == "1.046" and flag(ls, "--loss") == "ce"
+    assert flag(adp, "--c") == "0" and flag(adp, "--eta") == "0.04781" and flag(adp, "--loss") == "ce"
+    eta = torch.tensor(0.04781)
+    torch.save({"eps": torch.stack([torch.tensor(0.0), eta, eta + eta, torch.tensor(0.3), torch.tensor(0.3)])},
+               tmp_path / "model.pt")
+    assert runner.eps_counts(str(tmp_path / "model.pt")) == {"0": 1, "0.04781": 1, "0.09562": 1, "0.3": 2}
+    row = {"name": "customized(0.3)", "seed": 0, "epochs": 3, "commit": "abc", "seconds": 7200, "command": "python x",
+           "acc": {"natural": 0.99, "pgd20": 0.9}, "eval_seconds": 1800, "strong": {"seconds": 1800},
+           "eps_per_epoch": {"mean": [0.04, 0.1, 0.2], "at_max": [0.0, 0.1, 0.5]},
+           "training_machines": [{"from_epoch": e, "cpu": cpu, "onednn_isa": isa, "amp": amp} for e, cpu, isa, amp in
+                                 ((0, "AMD EPYC", "Intel AVX2", "off"), (1, "AMD EPYC", "Intel AVX2", "off"),
+                                  (2, "Intel(R) Xeon(R) Processor", "Intel AMX with bfloat16", "bf16"))]}
+    assert "| customized(0.3) | 0 | abc | 1-2 AMD EPYC, AVX2, fp32; 3-3 Intel Xeon, AMX, bf16 | 2.0 | 1.0 |" in \
+        mnist_table1.provenance([row])
+    assert "| customized(0.3) | 0 | 0.040 (0 %) | 0.100 (10 %) | - |" in mnist_table1.eps_trajectory([row], (1, 2, 5))
+    assert "| CAT | customized(0.3) | 99.0 | 90.0 | - |" in mnist_table1.table6([row])
+    assert "| Adv+LS | Adv+LS(0.3) | not trained yet |" in mnist_table1.table6([row])
+
+
 def test_table1_verdicts_by_the_paired_seed_differences():
     """'holds' needs every seed positive and mean > sd of the paired differences; a run at chance is
     starred and its difference not counted."""
