@@ -1290,7 +1290,7 @@ def test_eval_main_in_process_eval_mode(tmp_path):
     path = eval_checkpoint(tmp_path / "m.pt", method="customized")
     model, _ = evaluate.load_model(path)
     assert not model.training
-    out = str(tmp_path / "r.json")
+    out = str(tmp_path / "new" / "r.json")  # a folder --out names is made
     evaluate.main(["--ckpt", path, "--protocol", "calibrated", "--attacks", "fgsm", "--n-examples", "8",
                    "--device", "cpu", "--out", out])
     with open(out) as f:
