@@ -194,7 +194,7 @@ def speed(args):
                         "reps": args.reps, "steps_per_rep": args.steps, "note": args.note,
                         "variants": {v: {"env": env, "flags": flags, "onednn_isa": R.onednn_isa(env)}
                                      for v, (env, flags) in VARIANTS.items()}, "steps": steps})
-    print(f"\n| variant | " + " | ".join(f"{r} img/s (x)" for r in RECIPES) + " |\n|---|" + "---|" * len(RECIPES))
+    print("\n| variant | " + " | ".join(f"{r} img/s (x)" for r in RECIPES) + " |\n|---|" + "---|" * len(RECIPES))
     for v, rs in steps.items():
         cells = [rs[r]["error"][:60] if "seconds_per_step" not in rs[r] else
                  f"{rs[r]['images_per_s']:.1f} (x{rs[r]['ratio']:.2f}; {rs[r]['gflop_per_s']:.0f} GFLOP/s"
