@@ -231,7 +231,7 @@ def parse_args(p, argv):
     """Add the flags both trainers share to parser p, parse argv, check; errors in one line."""
     p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (see --help)\n")  # no usage dump
     a = p.add_argument
-    a("--milestones", type=int, nargs="+", help="lr x0.1 after these epochs (None = the paper's, scaled to --epochs)")
+    a("--milestones", type=int, nargs="+", help="lr x0.1 after these epochs (None = the schedule in --epochs' help, scaled)")
     a("--dataset", default="cifar10", help="fake-*: torchvision FakeData, offline",
       choices=["cifar10", "cifar100", "mnist", "svhn", "imagefolder", "fake-cifar10", "fake-mnist"])
     a("--data-dir", default="./data", help="dataset root (torchvision downloads CIFAR/SVHN/MNIST here)")
