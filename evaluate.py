@@ -431,10 +431,11 @@ def get_args(argv=None):
         p.error(f"--eps must be > 0, got {args.eps:g}")
     if args.workers < 0:
         p.error(f"--workers must be >= 0, got {args.workers}")
-    try:  # the folder --out names is made now, so that a finished evaluation is never lost on a missing one
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True) if args.out else None
-    except OSError as e:
-        p.error(f"--out {args.out}: {e.strerror}")
+    if args.out:  # its folder is made now, so that a finished evaluation is never lost on a missing one
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        except OSError as e:
+            p.error(f"--out {args.out}: cannot make its folder: {e.strerror}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     args.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
