@@ -667,6 +667,7 @@ def test_customized_rejects_invalid_args(bad, tmp_path):
     proc = run_cli(*CUSTOM, "--out", str(tmp_path / "x"), *bad, check=False)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "error" in proc.stderr and bad[0] in proc.stderr
+    assert bad[0] != "--c" or "in [0, 3.33333]" in proc.stderr  # the bound on c itself, 1 / eps_max
     assert not (tmp_path / "x").exists()
 
 
@@ -1926,12 +1927,15 @@ def test_mnist_table1_budget_curve_trains_in_segments_the_same_run(tmp_path):
     table1 = lambda *a: run_cli("benchmarks/mnist_table1.py", "--quick", "--jobs", "1", "--rows", "AT(0.3)",
                                 "--data-dir", data, "--out", str(tmp_path / "runs"), "--results", str(res),
                                 "--n-test", "20", "--n-strong", "10", "--seeds", "0", *a).stdout
+    os.makedirs(run := tmp_path / "runs" / "AT(0.3)_seed0")  # a start stopped before its first epoch ended
+    (run / "machines.jsonl").write_text(json.dumps({"from_epoch": 0, "cpu": "stopped"}) + "\n")
     out = table1("--epochs", "2", "--budget-curve", "1")
     assert "training to epoch 1 (--overwrite)" in out and "training to epoch 2 (--resume)" in out
     (row,) = json.loads(res.read_text())["rows"]
     (at,) = row["budget_curve"]
     assert at["epoch"] == 1 and at["acc_strong"]["n"] == 10 and "acc_strong" in row and row["epochs"] == 2
     assert [m["from_epoch"] for m in row["training_machines"]] == [0, 1]  # each segment: where it ran
+    assert "stopped" not in str(row["training_machines"])  # superseded by the start that trained from epoch 0
     assert all(m["onednn_isa"] and m["ONEDNN_MAX_CPU_ISA"] == "AVX2" for m in row["training_machines"])
     cmd = row["command"].split()[1:]
     for epochs in (1, 2):  # the same command straight, with the row's kernels

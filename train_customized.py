@@ -134,7 +134,7 @@ def get_args(argv=None):
     a("--arch", default="wrn34_10", choices=ARCHS, help="classifier (Table 4: WRN-34-10; Table 3: VGG-16)")
     args = parse_args(p, argv)
     check_ranges(p, args, [("--eta", lambda v: v >= 0, ">= 0"), ("--eps-max --beta", lambda v: v > 0, "> 0"),
-                           ("--c", lambda c: 0 <= c * args.eps_max <= 1, f"in [0, 1/{args.eps_max:g}] (Eq. 4)"),
+                           ("--c", lambda c: 0 <= c * args.eps_max <= 1, f"in [0, {args.eps_max and 1 / args.eps_max:g}]"),
                            ("--steps", lambda v: v >= 1, ">= 1")])
     args.lr = (0.01 if args.arch == "vgg16" else 0.1) if args.lr is None else args.lr
     return args

@@ -200,8 +200,9 @@ def train_and_evaluate(spec, args, landed, partial):
     if "eps_mean" in log[0]:  # customized: where the eps table went, epoch by epoch, and where it ended
         row["eps_per_epoch"] = {"mean": [r["eps_mean"] for r in log], "at_max": [r["eps_at_max"] for r in log]}
         row["eps_final_counts"] = eps_counts(os.path.join(out, "model.pt"))
-    if os.path.exists(where := os.path.join(out, "machines.jsonl")):  # each (re)start: its first epoch, its CPU
-        row["training_machines"] = [json.loads(line) for line in open(where)]
+    if os.path.exists(where := os.path.join(out, "machines.jsonl")):  # each (re)start: its first epoch, its CPU;
+        # a restart stopped before its first epoch ended is superseded by the next one from that epoch
+        row["training_machines"] = list({m["from_epoch"]: m for m in map(json.loads, open(where))}.values())
     if landed:  # trained before models were kept: the same command again
         row["reproduced"] = {"log_equal": UNTIMED(log) == UNTIMED(landed["epoch_log"]),
                              "landed_commit": landed["commit"], "landed_seconds": landed["seconds"]}
