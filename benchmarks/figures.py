@@ -128,8 +128,8 @@ def draw_table1(rows, path):
     fig.legend(handles=handles, loc="outside lower center", ncol=3)
     ours = any(n not in mnist_table1.PAPER for n in names)  # customized AT and its ablations
     fig.suptitle("MNIST Table 1 at the release's 40 epochs" + (f", seeds {', '.join(map(str, seeds[names[0]]))}"
-                 if uniform else "") + ("; customized AT's rows: our test (its paper has no MNIST)" if ours else "") + "\n"
-                 "PGD: the paper's evaluation; any attack: the strong chain's per-sample worst case")
+                 if uniform else "") + "\nPGD: the paper's evaluation; any attack: the strong chain's per-sample worst case"
+                 + ("\ncustomized AT's rows: our test (its paper has no MNIST table)" if ours else ""))
     save(fig, path)
 
 
