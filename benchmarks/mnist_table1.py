@@ -291,7 +291,8 @@ def table6(rows, seed=0):
         r = by.get(name)
         cells = [pct(r, "acc", "natural"), pct(r, "acc", "pgd20"), pct(r, "acc", "pgd100"),
                  pct(r, "acc_strong", "any"), pct(r, "acc_strong", "autoattack"),
-                 ", ".join(r.get("flags", [])) or "none"] if r else ["not trained yet"] + ["-"] * 5
+                 ", ".join(r.get("flags", [])) or ("none" if "acc_strong" in r else "-")] if r else \
+            ["not trained yet"] + ["-"] * 5
         lines.append(f"| {paper_name} | {name} | " + " | ".join(cells) + f" | {clean} / {pgd} |")
     return "\n".join(lines)
 
