@@ -1869,6 +1869,7 @@ def test_mnist_table1_keeps_models_reproduces_landed_rows_and_skips_finished_wor
     assert all(torch.equal(kept["model"][k], v) for k, v in run["model"].items())
     strong = row["acc_strong"]
     assert strong["n"] == 20 and row["strong"]["square_queries"] == 20 and isinstance(row["flags"], list)
+    assert row["strong"]["threads"] == 1                               # one thread per job unless --threads
     columns = ("natural", "pgd20", "pgd100", "cw", "fgsm", "apgd-ce", "apgd-t", "square")
     assert set(columns) < set(strong) and strong["any"] <= min(strong[k] for k in columns)
     assert row["n_test"] == 40 and set(row["acc"]) == {"natural", "pgd20", "pgd100", "cw"}

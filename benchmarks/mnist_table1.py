@@ -352,6 +352,8 @@ def main():
     p.add_argument("--at-warmup", type=float, help="the fixed-eps rows alone (AT, Adv+LS) train with --eps-warmup N "
                    "(PGD-AT at 0.3 stalls at chance at 2 of 3 seeds without; default with --epochs 40: 1, chosen on "
                    "training data, benchmarks/README.md; 3 epochs: none, as the landed rows)")
+    p.add_argument("--threads", type=int, default=1, help="threads per job (default 1, as the landed rows ran, two "
+                   "jobs side by side; a strong evaluation records its threads)")
     p.set_defaults(jobs=2)  # one thread each, as the landed rows ran
     args = p.parse_args()
     unset = lambda k, full, quick: setattr(args, k, getattr(args, k) or (quick if args.quick else full))
@@ -365,7 +367,9 @@ def main():
     if args.epochs != 3 and not (args.fast or args.quick or args.summary or args.provenance):  # so that one (row, seed, epochs) names one model
         sys.exit(f"error: --epochs {args.epochs}: budgets other than the landed 3 epochs train on the fast path; "
                  "add --fast")
-    args.strong_extra, args.threads = ["--steps", "5"] if args.quick else [], 1
+    args.strong_extra = ["--steps", "5"] if args.quick else []
+    if args.threads < 1:
+        sys.exit(f"error: --threads {args.threads}: must be at least 1")
     args.autoattack_env = FAST_ENV if args.device == "cpu" else {}  # step 5 is fp32: the fastest fp32 kernels
     if args.autoattack and not any(map(importlib.util.find_spec, ("pyautoattack", "autoattack"))):
         sys.exit("error: --autoattack: AutoAttack is not installed: pip install pyautoattack")

@@ -259,7 +259,8 @@ def strong_evaluation(spec, row, args, at=None):
     print(f"{name} seed {seed}: strong " + " ".join(f"{k} {100 * v:.1f}" for k, v in acc.items()
                                                      if k != "n" and v is not None), flush=True)
     new = {"acc_strong": acc, "flags": [k for k, f in ev["flags"].items() if f["raised"]],
-           "strong": {"command": cmd, "commit": commit(), "seconds": seconds, "square_queries": queries,
+           "strong": {"command": cmd, "commit": commit(), "seconds": seconds, "threads": args.threads,
+                      "square_queries": queries,
                       "flag_details": {k: f["detail"] for k, f in ev["flags"].items()},
                       "attack_seconds": {a["name"]: a["seconds"] for a in ev["attacks"]}}}
     if aa:
