@@ -90,13 +90,13 @@ def draw_toy_margin(path, seed=0):
 
 
 def strip(ax, rows, names, columns):
-    """Per column, per row name: each seed a dot and their mean a short line, the paper's value a star to the right."""
+    """Per column, per row name: each seed a dot and, over several, their mean a short line, the paper's value a star to the right."""
     width = 0.8 / len(names)
     for j, (_, key, acc, paper) in enumerate(columns):
         for i, name in enumerate(names):
             x0 = j + (i - (len(names) - 1) / 2) * width  # the middle of this row's slot
             values = [100 * r[key][acc] for r in rows if r["name"] == name and acc in r.get(key, {})]
-            if values:
+            if len(values) > 1:  # one seed has no mean to draw
                 ax.hlines(sum(values) / len(values), x0 - 0.45 * width, x0 + 0.1 * width, color=row_color(name), lw=2.5)
             for k, v in enumerate(values):  # side by side: equal values stay visible
                 ax.plot(x0 - 0.35 * width + 0.35 * width * k / max(1, len(values) - 1), v, "o", ms=4,
