@@ -1830,6 +1830,7 @@ def test_table1_verdicts_by_the_paired_seed_differences():
     # a float32 accuracy on a tie rounds half up, as its image count does: 9,575 and 1,135 of 10,000
     assert [mnist_table1.pct(x) for x in (0.9574999809265137, 0.11349999904632568, 0.9125, 1.0)] == \
         ["95.8", "11.4", "91.3", "100.0"]
+    assert mnist_table1.pct(0.9164000153541565 - 0.9438999891281128, "+") == "-2.8"  # 9,164 - 9,439 images
     worse = [row(cw, s, a) for s, a in enumerate((0.88, 0.87, 0.89))] + rows[3:]  # -2, -3, -2 against TRADES
     assert "**does not hold**: -2.0, -3.0, -2.0" in claim(mnist_table1.summary(worse), cw, trades)
     # two seeds of AT at chance: +2, +79.7*, +81.7* would "hold" (mean 54.5 > sd 45.3) if counted; the

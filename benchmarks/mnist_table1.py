@@ -144,10 +144,10 @@ NATIVE_BF16 = R.torch.cpu._is_avx512_bf16_supported() and R.torch.ops.mkldnn._is
 FAST_ENV = ISA_FAST if AVX512 else ISA
 
 
-def pct(x):
-    """An accuracy (a fraction of at most 10,000 images, stored as float32) in percent, one decimal, half up:
-    0.9574999809 (9,575 images) prints 95.8, not the 95.7 that formatting the float32 value directly gives."""
-    return str(Decimal(f"{100 * x:.2f}").quantize(Decimal("0.1"), ROUND_HALF_UP))
+def pct(x, sign=""):
+    """An accuracy (a fraction of at most 10,000 images, stored as float32) in percent, one decimal, half away
+    from 0: 0.9574999809 (9,575 images) prints 95.8, not the 95.7 that formatting the float32 value gives."""
+    return f"{Decimal(f'{100 * x:.2f}').quantize(Decimal('0.1'), ROUND_HALF_UP):{sign}}"
 
 
 def table(rows):
@@ -238,7 +238,7 @@ def verdict(d, seeds, ref, marked):
     that difference is shown starred and not counted: it measures a constant predictor, not a method."""
     if not d:
         return "-"
-    what = ", ".join(f"{x:+.1f}" + "*" * m for x, m in zip(d, marked))
+    what = ", ".join(pct(x / 100, "+") + "*" * m for x, m in zip(d, marked))
     d, seeds = [x for x, m in zip(d, marked) if not m], [s for s, m in zip(seeds, marked) if not m]
     if not d:
         return f"**not a test**: {what} (a run at chance in every seed)"
