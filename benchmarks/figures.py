@@ -65,6 +65,7 @@ def draw_toy_margin(path, seed=0):
     true_line = torch.stack([-1.5 * half * toy_margin.TANGENT, 1.5 * half * toy_margin.TANGENT]).numpy()
     fig, axes = plt.subplots(2, 2, figsize=(8, 8.6), sharex=True, sharey=True, layout="constrained")
     for ax, (name, (model, acc)) in zip(axes.flat, res.items()):
+        tilt = toy_margin.tilt(model)
         with torch.no_grad():
             logits = model(torch.stack([gx, gy], -1).view(-1, 2))
         score = (logits[:, 1] - logits[:, 0]).view(gx.shape).numpy()  # > 0: class 1
@@ -74,7 +75,7 @@ def draw_toy_margin(path, seed=0):
         for cls, color in ((0, "#c8281e"), (1, "#1e3cc8")):
             ax.scatter(*x[y == cls].T.numpy(), s=6, color=color)
         ax.set(xlim=(-half, half), ylim=(-half, half), aspect="equal",
-               title=f"{name}: test accuracy {100 * acc:.2f} %\n{toy_margin.describe(model).replace('deg', '°')}")
+               title=f"{name}: test accuracy {100 * acc:.2f} %\ntilt {tilt[0]:4.1f} °  |w|_1 {tilt[1]:.2f}")
     for ax in axes[1]:
         ax.set_xlabel("$x_1$")
     for ax in axes[:, 0]:

@@ -14,11 +14,14 @@ axis). With the strips shifted, that direction is ~60 degrees off the true norma
 to ~0: the boundary is SGD noise and its accuracy varies from seed to seed.
 
     python benchmarks/toy_margin.py --seeds 5
+    python benchmarks/toy_margin.py --seeds 15 --json benchmarks/results/toy_margin.json   # the results page's
 """
 import argparse
+import json
 import math
 import os
 import sys
+import time
 
 import torch
 
@@ -81,10 +84,10 @@ def worst_case(model, x, y, eps):
     return x - eps * w.sign() * (2 * y - 1)[:, None].float()
 
 
-def describe(model):
-    """Tilt of the learned boundary from the true one, and ||w||_1 (near 0: collapsed)."""
+def tilt(model):
+    """(Tilt of the learned boundary from the true one in degrees, ||w||_1: near 0, collapsed)."""
     w = (model.weight[1] - model.weight[0]).detach()
-    return f"tilt {math.degrees(math.acos((w @ NORMAL / w.norm()).clamp(-1, 1))):4.1f} deg  |w|_1 {w.abs().sum():.2f}"
+    return math.degrees(math.acos((w @ NORMAL / w.norm()).clamp(-1, 1))), w.abs().sum().item()
 
 
 def run(seed, n=400, steps=10, epochs=60, offset=LENGTH / 2):
@@ -108,21 +111,38 @@ def main(argv=None):
                    help="PGD steps in training, step radius / 4: >= 8 reach the worst case from any start")
     p.add_argument("--offset", type=float, default=LENGTH / 2,
                    help="shift of each strip along the boundary; 0: eps-4 AT collapses instead")
+    p.add_argument("--json", help="also write each seed's accuracy and tilt, their summary and provenance here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    accs = {k: [] for k in METHODS}
+    accs, seeds, t0 = {k: [] for k in METHODS}, [], time.time()
     for seed in range(args.seed, args.seed + args.seeds):
         res, (x, y) = run(seed, args.n, args.steps, offset=args.offset)
+        seeds.append({"seed": seed})
         for k, (m, a) in res.items():
-            print(f"seed {seed}  {k:11s} test acc {a:.3f}  {describe(m)}", flush=True)
+            deg, l1 = tilt(m)
+            print(f"seed {seed}  {k:11s} test acc {a:.3f}  tilt {deg:4.1f} deg  |w|_1 {l1:.2f}", flush=True)
             accs[k].append(a)
+            seeds[-1][k] = {"test_acc": a, "tilt_deg": deg, "w_l1": l1}
         if seed == args.seed:  # cross-check: PGD hits the closed-form corner
             at4 = res["AT eps 4"][0]
             pgd = attacks.pgd(at4, x, y, 4.0, 1.0, args.steps, clip=None)
             print(f"PGD vs closed form, max |diff|: {(pgd - worst_case(at4, x, y, 4.0)).abs().max():.2e}")
+    summary = {}
     for k, a in accs.items():
-        a = torch.tensor(a)
-        print(f"{k:11s} test acc {a.mean():.3f} ± {a.std(unbiased=False):.3f}  [{a.min():.3f}, {a.max():.3f}]")
+        a = torch.tensor(a, dtype=torch.float64)
+        std = a.std().item() if len(a) > 1 else 0.0  # the sample std (n - 1), as every table of ours
+        summary[k] = {"mean": a.mean().item(), "std": std, "min": a.min().item(), "max": a.max().item()}
+        print(f"{k:11s} test acc {a.mean():.3f} ± {std:.3f}  [{a.min():.3f}, {a.max():.3f}]")
+    if args.json:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import runner  # the commit, as every result file of benchmarks/ records it
+        out = {"command": " ".join(["python benchmarks/toy_margin.py", *(sys.argv[1:] if argv is None else argv)]),
+               "commit": runner.commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "seconds": round(time.time() - t0, 1), "machine": runner.machine(argparse.Namespace(device="cpu", threads=1)),
+               "args": vars(args), "summary": summary, "seeds": seeds}
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
 
 
 if __name__ == "__main__":
