@@ -1775,6 +1775,19 @@ def test_toy_margin_eps4_distorts_customized_does_not():
     at4 = res["AT eps 4"][0]
     assert torch.allclose(attacks.pgd(at4, x, y, 4.0, 1.0, 10, clip=None),
                           toy_margin.worst_case(at4, x, y, 4.0))
+    assert toy_margin.tilt(at4)[0] > 45 > toy_margin.tilt(res["customized"][0])[0]
+
+
+def test_toy_margin_json_records_each_seed_and_the_sample_std(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+    import toy_margin
+    toy_margin.main(["--seeds", "2", "--n", "100", "--json", str(tmp_path / "toy.json")])
+    out = json.load(open(tmp_path / "toy.json"))
+    acc = torch.tensor([s["AT eps 4"]["test_acc"] for s in out["seeds"]], dtype=torch.float64)
+    assert [s["seed"] for s in out["seeds"]] == [0, 1] and out["args"]["n"] == 100 and out["commit"]
+    sample_std = abs(acc[0] - acc[1]).item() / 2 ** 0.5  # n - 1 = 1; the population std would be half the gap
+    assert acc[0] != acc[1] and out["summary"]["AT eps 4"]["std"] == pytest.approx(sample_std)
+    assert f"AT eps 4    test acc {acc.mean():.3f} ± {acc.std():.3f}" in capsys.readouterr().out
 
 
 def test_table1_customized_rows_eta_ratio_eps_record_and_provenance(tmp_path):
