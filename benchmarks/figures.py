@@ -91,7 +91,8 @@ def draw_toy_margin(path, seed=0):
 
 
 def strip(ax, rows, names, columns):
-    """Per column, per row name: each seed a dot and, over several, their mean a short line, the paper's value a star to the right."""
+    """Per column, per row name: each seed a dot and, over several, their mean a short line, the paper's value
+    a star to the right."""
     width = 0.8 / len(names)
     for j, (_, key, acc, paper) in enumerate(columns):
         for i, name in enumerate(names):

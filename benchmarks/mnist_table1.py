@@ -157,8 +157,8 @@ def table(rows):
              "| flags | train s | log reproduced |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         paper = PAPER.get(r["name"], (None,) * 3) + (None,)
-        cells = [pct(r['acc'][k]) + ("" if r["name"] not in PAPER or p is None and k == "cw" else
-                                               f" [{'-' if p is None else p}]")
+        cells = [pct(r["acc"][k]) + ("" if r["name"] not in PAPER or p is None and k == "cw" else
+                                     f" [{'-' if p is None else p}]")
                  for k, p in zip(("natural", "pgd20", "pgd100", "cw"), paper)]
         s = r.get("acc_strong")
         cols = ("apgd-ce", "apgd-t", "square", "any", "autoattack")

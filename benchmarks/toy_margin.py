@@ -138,7 +138,8 @@ def main(argv=None):
         import runner  # the commit, as every result file of benchmarks/ records it
         out = {"command": " ".join(["python benchmarks/toy_margin.py", *(sys.argv[1:] if argv is None else argv)]),
                "commit": runner.commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "seconds": round(time.time() - t0, 1), "machine": runner.machine(argparse.Namespace(device="cpu", threads=1)),
+               "seconds": round(time.time() - t0, 1),
+               "machine": runner.machine(argparse.Namespace(device="cpu", threads=1)),
                "args": vars(args), "summary": summary, "seeds": seeds}
         with open(args.json + ".tmp", "w") as f:
             json.dump(out, f, indent=1)
